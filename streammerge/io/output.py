@@ -1,0 +1,105 @@
+"""The output folder: refusing to clobber, copying the base's other files, config, index, record.
+
+Small files are written atomically (temp file + fsync + rename). The index (or, for a single
+shard, `streammerge.json`) is written last: a folder without it is never a finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import OutputError
+from .checkpoint import INDEX_FILE
+from .safetensors import fsync_dir
+
+RECORD_FILE = "streammerge.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_MODEL_MARKERS = ("config.json", RECORD_FILE, INDEX_FILE, "model.safetensors", "adapter_config.json", ".streammerge")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def looks_like_model_folder(path: Path) -> bool:
+    names = {p.name for p in path.iterdir()}
+    return any(m in names for m in _MODEL_MARKERS) or any(n.endswith((".safetensors", ".partial")) for n in names)
+
+
+def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()) -> None:
+    """Create OUT, or refuse: a file, an unwritable folder, or someone else's files without --overwrite."""
+    out = Path(out)
+    for p in protected:
+        try:
+            if out.resolve() == Path(p).resolve():
+                raise OutputError(f"--out {out} is one of the inputs; choose another folder")
+        except OSError:
+            pass
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"--out {out} already holds files; choose an empty folder or pass --overwrite to replace it")
+        if not looks_like_model_folder(out):
+            raise OutputError(f"--out {out} holds files that are not a model; refusing to delete them even with --overwrite")
+        try:
+            shutil.rmtree(out)
+        except OSError as exc:
+            raise OutputError(f"cannot clear {out} for --overwrite: {exc.strerror or exc}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out} is not writable; choose another folder or fix its permissions")
+
+
+def copy_other_files(files: Iterable[Path], out: Path) -> list[str]:
+    copied = []
+    for src in files:
+        try:
+            shutil.copyfile(src, out / src.name)
+        except OSError as exc:
+            raise OutputError(f"cannot copy {src.name} to {out}: {exc.strerror or exc}") from None
+        copied.append(src.name)
+    return copied
+
+
+def merged_config(config: dict[str, Any] | None, dtype: str | None) -> dict[str, Any] | None:
+    """The base config for a 16-bit output: dtype set when it changed, quantization removed."""
+    if config is None:
+        return None
+    new = dict(config)
+    new.pop("quantization_config", None)
+    if dtype is not None:
+        new["dtype"] = dtype
+        if "torch_dtype" in new:
+            new["torch_dtype"] = dtype
+    return new
+
+
+def write_index(out: Path, total_size: int, weight_map: dict[str, str]) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_json(out / INDEX_FILE, index, sort_keys=True)

@@ -1,0 +1,121 @@
+"""Merge options as one typed, JSON-serializable dataclass, plus the parsers for its string forms.
+
+Kept free of torch so the CLI can validate arguments before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import OptionError
+
+METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
+SUPPORTED_METHODS = ("merged_16bit",)
+DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: str | int, what: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as transformers; KiB/MiB/GiB binary)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise OptionError(f"{what} must be positive, got {value}")
+        return value
+    match = _SIZE_RE.match(str(value))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise OptionError(f"{what}: cannot read size {value!r}; write a number with a unit, e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise OptionError(f"{what} must be positive, got {value!r}")
+    return size
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def parse_dtype(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = DTYPE_ALIASES.get(str(value).lower(), str(value).lower()).removeprefix("torch.")
+    if name not in DTYPES:
+        raise OptionError(f"--dtype {value!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def parse_device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value or ""):
+        return value
+    raise OptionError(f"--device {value!r} is not valid; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter as given on the command line: `path/to/adapter@0.5` -> (path, 0.5)."""
+
+    path: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        path, sep, tail = str(text).rpartition("@")
+        if sep and path:
+            try:
+                return cls(path, float(tail))
+            except ValueError:
+                pass
+        return cls(str(text), 1.0)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    method: str = "merged_16bit"
+    dtype: str | None = None
+    max_shard_size: int = 5 * 10**9
+    max_memory: int = 2 * 10**9
+    device: str = "auto"
+    max_chunk_rows: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        method: str = "merged_16bit",
+        dtype: str | None = None,
+        max_shard_size: str | int = "5GB",
+        max_memory: str | int = "2GB",
+        device: str = "auto",
+        max_chunk_rows: int | None = None,
+    ) -> "MergeOptions":
+        if method not in METHODS:
+            raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
+        if method not in SUPPORTED_METHODS:
+            raise OptionError(f"--method {method} is not yet supported in this version; use --method merged_16bit")
+        if max_chunk_rows is not None and max_chunk_rows < 1:
+            raise OptionError("max_chunk_rows must be at least 1")
+        return cls(
+            method=method,
+            dtype=parse_dtype(dtype),
+            max_shard_size=parse_size(max_shard_size, "--max-shard-size"),
+            max_memory=parse_size(max_memory, "--max-memory"),
+            device=parse_device(device),
+            max_chunk_rows=max_chunk_rows,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
