@@ -1,18 +1,24 @@
 """streammerge: merge LoRA adapters into a checkpoint by streaming tensors, never loading the model.
 
-The public API is imported lazily so `streammerge --help` does not pay for importing torch.
+The public functions import their machinery lazily so `streammerge --help` does not pay for torch.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "plan", "verify", "__version__"]
+__all__ = ["merge", "plan", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in ("merge", "plan", "verify"):
-        from . import api
+def merge(*args, **kwargs):
+    """Merge adapters into a base and write the output folder; see `streammerge.api.merge`."""
+    from .api import merge as _merge
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'streammerge' has no attribute {name!r}")
+    return _merge(*args, **kwargs)
+
+
+def plan(*args, **kwargs):
+    """Plan a merge from headers alone; see `streammerge.api.plan`."""
+    from .api import plan as _plan
+
+    return _plan(*args, **kwargs)

@@ -16,7 +16,7 @@ from .errors import OutputError
 from .io.checkpoint import open_checkpoint
 from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
 from .options import AdapterSpec, MergeOptions
-from .plan import MergePlan, build_plan
+from .planner import MergePlan, build_plan
 
 AdapterArg = str | Path | AdapterSpec | tuple[str, float]
 

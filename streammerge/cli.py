@@ -87,7 +87,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     options = _options(args)
     _quiet_libraries()
     from .api import _prepare
-    from .plan import summary_lines
+    from .planner import summary_lines
 
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     if args.json:

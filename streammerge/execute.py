@@ -24,7 +24,7 @@ from . import ops
 from .errors import ExecutionError, OutputError, PlanError
 from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, build_header, pread_exact, release_cache, TensorSpec
 from .options import format_size
-from .plan import SHARD_METADATA, LoraTerm, MergePlan, OutputShard, OutputTensor
+from .planner import SHARD_METADATA, LoraTerm, MergePlan, OutputShard, OutputTensor
 
 READ_BUFFERS = 3  # buffers in the read pool (one being read, one queued, one being computed on)
 WRITE_QUEUE = 1  # finished chunks waiting for the writer (plus the one being written)
