@@ -52,9 +52,9 @@ def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, li
 
         raise AdapterError("give at least one adapter")
     plan = build_plan(checkpoint, loaded, options)
-    from .execute import check_budget
+    from .execute import plan_layout
 
-    check_budget(plan)
+    plan_layout(plan)  # refuses a budget too small for one row of the widest tensor
     return checkpoint, loaded, plan
 
 

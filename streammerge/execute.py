@@ -1,13 +1,14 @@
 """The executor: stream every output tensor of a plan through read -> compute -> write.
 
-Three stages overlap: a reader thread fills a fixed pool of buffers with positioned reads, the
-calling thread does the math (on CPU or CUDA), and a writer thread appends bytes to the output
-shard. The pool and two bounded queues are the memory budget: chunk sizes are chosen so that
-everything in flight fits `--max-memory`.
+Three stages overlap: a reader thread fills buffers with positioned reads, the calling thread does
+the math (CPU or CUDA) into output buffers, and a writer thread appends them to the output shard.
+All tensor data lives in two fixed pools of buffers allocated once (plus a float32 tile workspace
+and the LoRA factors of the tensor in flight), so the budget is what is resident, not an estimate.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import queue
@@ -22,19 +23,63 @@ import torch
 
 from . import ops
 from .errors import ExecutionError, OutputError, PlanError
-from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, build_header, pread_exact, release_cache, TensorSpec
+from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
-from .planner import SHARD_METADATA, LoraTerm, MergePlan, OutputShard, OutputTensor
+from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor
 
-READ_BUFFERS = 3  # buffers in the read pool (one being read, one queued, one being computed on)
-WRITE_QUEUE = 1  # finished chunks waiting for the writer (plus the one being written)
+READ_BUFFERS = 3  # one being read, one queued, one being computed on (or written, for copies)
+WRITE_BUFFERS = 2  # one being filled by the math, one being written
 
 
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
     return getattr(torch, TORCH_NAME[safetensors_dtype])
 
 
-# ------------------------------------------------------------------------------- chunk planning
+def _rows_and_width(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+
+
+# --------------------------------------------------------------------------------- memory layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the `--max-memory` budget is spent: buffer sizes fixed before the first read."""
+
+    buffer_bytes: int  # each read and write buffer
+    tile_elements: int  # float32 elements per tile (two tiles)
+    factor_bytes: int  # the largest tensor's LoRA factors, raw and float32
+
+    @property
+    def total(self) -> int:
+        return (READ_BUFFERS + WRITE_BUFFERS) * self.buffer_bytes + 8 * self.tile_elements + self.factor_bytes
+
+
+def _factor_bytes(tensor: OutputTensor) -> int:
+    return sum(math.prod(s.shape) * (ITEMSIZE[s.dtype] + 4) for term in tensor.loras for s in (term.a, term.b))
+
+
+def _row_bytes(tensor: OutputTensor) -> int:
+    width = _rows_and_width(tensor.shape)[1]
+    return width * max(ITEMSIZE[tensor.source.dtype], ITEMSIZE[tensor.dtype])
+
+
+def plan_layout(plan: MergePlan) -> Layout:
+    merges = [t for t in plan.tensors if t.op == "merge"]
+    tile = max([ops.TILE_ELEMENTS] + [_rows_and_width(t.shape)[1] for t in merges]) if merges else 0
+    factors = max((_factor_bytes(t) for t in merges), default=0)
+    widest = max((_row_bytes(t) for t in plan.tensors), default=1)
+    largest = max((_rows_and_width(t.shape)[0] * _row_bytes(t) for t in plan.tensors), default=1)
+    fixed = 8 * tile + factors
+    buffer_bytes = (plan.options.max_memory - fixed) // (READ_BUFFERS + WRITE_BUFFERS)
+    if buffer_bytes < widest:
+        need = fixed + (READ_BUFFERS + WRITE_BUFFERS) * widest
+        raise PlanError(
+            f"--max-memory {format_size(plan.options.max_memory)} is too small: one row of the widest tensor "
+            f"needs {format_size(widest)} in each of {READ_BUFFERS + WRITE_BUFFERS} buffers; "
+            f"use at least --max-memory {math.ceil(need / 1e6)}MB"
+        )
+    return Layout(min(buffer_bytes, max(largest, 1)), tile, factors)
 
 
 @dataclass(frozen=True)
@@ -50,58 +95,26 @@ class Chunk:
         return self.row_stop - self.row_start
 
 
-def _rows_and_width(shape: tuple[int, ...]) -> tuple[int, int]:
-    if not shape:
-        return 1, 1
-    return shape[0], math.prod(shape[1:])
-
-
-def _merge_fixed_bytes(tensor: OutputTensor) -> int:
-    """Resident for the whole tensor: raw A and B with their float32 copies, and two float32 tiles."""
-    total = 2 * 4 * max(ops.TILE_ELEMENTS, _rows_and_width(tensor.shape)[1])
-    for term in tensor.loras:
-        for src in (term.a, term.b):
-            total += math.prod(src.shape) * (ITEMSIZE[src.dtype] + 4)
-    return total
-
-
-def memory_per_row(tensor: OutputTensor) -> tuple[int, int]:
-    """(fixed bytes for the tensor, bytes per row in flight) under the pipeline's depth."""
-    _, width = _rows_and_width(tensor.shape)
-    in_size, out_size = ITEMSIZE[tensor.source.dtype], ITEMSIZE[tensor.dtype]
-    if tensor.op == "copy":
-        return 0, width * in_size * READ_BUFFERS
-    if tensor.op == "cast":
-        return 0, width * (in_size * READ_BUFFERS + out_size * (WRITE_QUEUE + 2))
-    return _merge_fixed_bytes(tensor), width * (in_size * READ_BUFFERS + out_size * (WRITE_QUEUE + 2))
-
-
-def minimum_budget(plan: MergePlan) -> int:
-    return max((sum(memory_per_row(t)) for t in plan.tensors), default=0)
-
-
-def check_budget(plan: MergePlan) -> None:
-    need = minimum_budget(plan)
-    if plan.options.max_memory < need:
-        widest = max(plan.tensors, key=lambda t: sum(memory_per_row(t)))
-        raise PlanError(
-            f"--max-memory {format_size(plan.options.max_memory)} is too small to hold one row of "
-            f"{widest.name} {list(widest.shape)}; use at least --max-memory {math.ceil(need / 1e6)}MB"
-        )
-
-
-def chunks_of(tensor: OutputTensor, budget: int, max_rows: int | None) -> Iterator[Chunk]:
+def chunks_of(tensor: OutputTensor, layout: Layout, max_rows: int | None) -> Iterator[Chunk]:
     rows, width = _rows_and_width(tensor.shape)
     if rows == 0 or width == 0:
         yield Chunk(tensor, 0, 0, True, True)  # an empty tensor still completes
         return
-    fixed, per_row = memory_per_row(tensor)
-    step = max(1, (budget - fixed) // max(per_row, 1))
+    step = max(1, layout.buffer_bytes // _row_bytes(tensor))
     if max_rows is not None:
         step = min(step, max_rows)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         yield Chunk(tensor, start, stop, start == 0, stop == rows)
+
+
+def _fix_malloc_threshold() -> None:
+    """glibc raises its mmap threshold after large frees, after which freed buffers stay resident;
+    a fixed threshold keeps big allocations in mmap so that freeing them returns the memory."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -111,26 +124,17 @@ class _Stop(Exception):
     """Raised inside a stage when another stage failed or the run was cancelled."""
 
 
-class BufferPool:
-    """A fixed number of reusable byte buffers; `take` blocks until one is free (that is the budget)."""
+class _Pool:
+    """Buffers allocated once; `take` blocks until one is free, which is what bounds memory."""
 
-    def __init__(self, count: int, cancelled: threading.Event):
+    def __init__(self, count: int, size: int, cancelled: threading.Event):
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(count):
-            self._free.put(bytearray(0))
+            self._free.put(bytearray(size))
         self._cancelled = cancelled
 
-    def take(self, size: int) -> bytearray:
-        while True:
-            try:
-                buf = self._free.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self._cancelled.is_set():
-                    raise _Stop from None
-        if len(buf) < size:
-            buf = bytearray(size)  # grow: the old buffer is released here
-        return buf
+    def take(self) -> bytearray:
+        return _get(self._free, self._cancelled)
 
     def give(self, buf: bytearray) -> None:
         self._free.put(buf)
@@ -189,19 +193,19 @@ class Executor:
         device: torch.device,
         progress: bool = False,
         on_tensor_done: Callable[[OutputTensor], None] | None = None,
-        skip_shards: set[str] | None = None,
     ):
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
         self.progress = progress
         self.on_tensor_done = on_tensor_done
-        self.skip_shards = skip_shards or set()
+        self.layout = plan_layout(plan)
         self._cancelled = threading.Event()
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
 
-    # -- stage helpers
+    def cancel(self) -> None:
+        self._cancelled.set()
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -213,79 +217,67 @@ class Executor:
             self._fds[path] = fd
         return fd
 
-    def _chunks(self) -> Iterator[tuple[OutputShard, Chunk | None]]:
-        for shard in self.plan.shards:
-            if shard.filename in self.skip_shards:
-                continue
-            yield shard, None  # open marker
-            for tensor in shard.tensors:
-                yield from ((shard, c) for c in chunks_of(tensor, self.plan.options.max_memory, self.plan.options.max_chunk_rows))
+    def _fail(self, exc: BaseException) -> None:
+        self._errors.append(exc)
+        self._cancelled.set()
 
-    def _read_range(self, chunk: Chunk) -> tuple[int, int]:
-        src = chunk.tensor.source
-        _, width = _rows_and_width(src.shape)
-        row_bytes = width * ITEMSIZE[src.dtype]
-        return src.start + chunk.row_start * row_bytes, chunk.rows * row_bytes
+    # -- reader thread: positioned reads into the read pool
 
-    def _reader(self, pool: BufferPool, out_q: queue.Queue) -> None:
+    def _reader(self, pool: _Pool, out_q: queue.Queue) -> None:
         try:
-            for shard, chunk in self._chunks():
-                if chunk is None:
-                    _put(out_q, (shard, None, None, 0), self._cancelled)
-                    continue
-                offset, length = self._read_range(chunk)
-                buf = pool.take(length)
-                fd = self._fd(chunk.tensor.source.file)
-                pread_exact(fd, memoryview(buf)[:length], offset, chunk.tensor.source.file)
-                release_cache(fd, offset, length)
-                _put(out_q, (shard, chunk, buf, length), self._cancelled)
+            for shard in self.plan.shards:
+                _put(out_q, ("open", shard), self._cancelled)
+                for tensor in shard.tensors:
+                    src = tensor.source
+                    row_bytes = _rows_and_width(src.shape)[1] * ITEMSIZE[src.dtype]
+                    for chunk in chunks_of(tensor, self.layout, self.plan.options.max_chunk_rows):
+                        offset, length = src.start + chunk.row_start * row_bytes, chunk.rows * row_bytes
+                        buf = pool.take()
+                        fd = self._fd(src.file)
+                        pread_exact(fd, memoryview(buf)[:length], offset, src.file)
+                        release_cache(fd, offset, length)
+                        _put(out_q, ("chunk", chunk, buf, length), self._cancelled)
+                _put(out_q, ("close", shard), self._cancelled)
             _put(out_q, None, self._cancelled)
         except _Stop:
             pass
-        except BaseException as exc:  # surfaced by the main thread
-            self._errors.append(exc)
-            self._cancelled.set()
+        except BaseException as exc:
+            self._fail(exc)
+
+    # -- writer thread: sequential appends, sha256 on the fly, commit by rename
 
     def _writer(self, in_q: queue.Queue, stats: RunStats, bar) -> None:
         writer: ShardWriter | None = None
         try:
-            while True:
-                item = _get(in_q, self._cancelled)
-                if item is None:
-                    break
+            while (item := _get(in_q, self._cancelled)) is not None:
                 kind = item[0]
                 if kind == "open":
                     shard: OutputShard = item[1]
-                    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
-                    header, _ = build_header(specs, SHARD_METADATA)
+                    header, _ = build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
                     writer = ShardWriter(self.out_dir / shard.filename, header, shard.size)
                     if bar is not None:
                         bar.update(len(header))
                 elif kind == "data":
                     _, data, release = item
                     writer.write(data)
+                    release()
+                    stats.bytes_written += len(data)
                     if bar is not None:
                         bar.update(len(data))
-                    stats.bytes_written += len(data)
-                    if release is not None:
-                        release()
                 elif kind == "tensor":
                     stats.tensors_done += 1
                     if self.on_tensor_done is not None:
                         self.on_tensor_done(item[1])
                 elif kind == "close":
-                    shard = item[1]
                     sha = writer.commit()
-                    stats.shards.append(ShardResult(shard.filename, shard.size, sha))
+                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
                     writer = None
         except _Stop:
             pass
         except OSError as exc:
-            self._errors.append(OutputError(f"writing {self.out_dir}: {exc.strerror or exc}"))
-            self._cancelled.set()
+            self._fail(OutputError(f"writing {self.out_dir}: {exc.strerror or exc}"))
         except BaseException as exc:
-            self._errors.append(exc)
-            self._cancelled.set()
+            self._fail(exc)
         finally:
             if writer is not None:
                 writer.close()
@@ -293,86 +285,79 @@ class Executor:
     # -- compute (calling thread)
 
     def _load_factors(self, tensor: OutputTensor) -> list[ops.LoraTermF32]:
-        factors = []
+        terms = []
         for term in tensor.loras:
             pair = []
             for src in (term.a, term.b):
                 buf = bytearray(src.end - src.start)
                 pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
-                pair.append(torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape) if buf else torch.empty(src.shape, dtype=torch_dtype(src.dtype)))
-            factors.append(ops.lora_term(pair[0], pair[1], term.factor, term.transpose, self.device))
-        return factors
+                pair.append(torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape))
+            terms.append(ops.lora_term(pair[0], pair[1], term.factor, term.transpose, self.device))
+        return terms
 
-    def _compute(self, chunk: Chunk, buf: bytearray, length: int, factors) -> torch.Tensor | None:
+    def _compute_into(self, chunk: Chunk, buf: bytearray, length: int, out_buf: bytearray, terms, tiles) -> int:
+        """Math for one chunk, written into `out_buf`; returns the number of output bytes."""
         tensor = chunk.tensor
-        if tensor.op == "copy":
-            return None
-        src_dtype = torch_dtype(tensor.source.dtype)
-        rows, width = chunk.rows, _rows_and_width(tensor.shape)[1]
-        base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(src_dtype).reshape(rows, width)
-        if self.device.type != "cpu":
-            base = base.to(self.device)
+        width = _rows_and_width(tensor.shape)[1]
+        base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(tensor.source.dtype))
+        base = base.reshape(chunk.rows, width)
         out_dtype = torch_dtype(tensor.dtype)
+        out_len = chunk.rows * width * ITEMSIZE[tensor.dtype]
+        out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).view(out_dtype).reshape(chunk.rows, width)
+        on_device = self.device.type != "cpu"
         if tensor.op == "cast":
-            result = ops.cast(base, out_dtype)
+            out.copy_(base)
+        elif on_device:
+            out.copy_(ops.merge_rows(base.to(self.device), terms, chunk.row_start, out_dtype, tiles=tiles))
         else:
-            result = ops.merge_rows(base, factors, chunk.row_start, out_dtype)
-        return result.cpu() if result.device.type != "cpu" else result
+            ops.merge_rows(base, terms, chunk.row_start, out_dtype, tiles=tiles, out=out)
+        return out_len
 
     def run(self) -> RunStats:
+        _fix_malloc_threshold()
         stats = RunStats()
         start = time.perf_counter()
-        pool = BufferPool(READ_BUFFERS, self._cancelled)
+        size = self.layout.buffer_bytes
+        read_pool = _Pool(READ_BUFFERS, size, self._cancelled)
+        write_pool = _Pool(WRITE_BUFFERS, size, self._cancelled) if any(t.op != "copy" for t in self.plan.tensors) else None
+        tiles = ops.Tiles.allocate(self.layout.tile_elements, self.device) if self.layout.tile_elements else None
         read_q: queue.Queue = queue.Queue(maxsize=1)
-        write_q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        write_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            total = sum(s.size for s in self.plan.shards if s.filename not in self.skip_shards)
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", file=sys.stderr, dynamic_ncols=True)
-        reader = threading.Thread(target=self._reader, args=(pool, read_q), name="streammerge-read", daemon=True)
+            bar = tqdm(total=self.plan.file_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
+                       file=sys.stderr, dynamic_ncols=True)
+        reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
         reader.start()
         writer.start()
-        current_shard: OutputShard | None = None
-        factors = None
+        terms = None
         try:
-            while True:
-                item = _get(read_q, self._cancelled)
-                if item is None:
-                    break
-                shard, chunk, buf, length = item
-                if chunk is None:
-                    if current_shard is not None:
-                        _put(write_q, ("close", current_shard), self._cancelled)
-                    current_shard = shard
-                    _put(write_q, ("open", shard), self._cancelled)
+            while (item := _get(read_q, self._cancelled)) is not None:
+                if item[0] != "chunk":
+                    _put(write_q, item, self._cancelled)  # open / close markers pass through in order
                     continue
-                if chunk.first and chunk.tensor.op == "merge":
-                    factors = self._load_factors(chunk.tensor)
-                result = self._compute(chunk, buf, length, factors)
-                if result is None:  # a byte copy: hand the read buffer itself to the writer
-                    _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: pool.give(b)), self._cancelled)
+                _, chunk, buf, length = item
+                if chunk.tensor.op == "copy":  # bytes as they are: hand the read buffer to the writer
+                    _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
                 else:
-                    pool.give(buf)
-                    data = result.contiguous().view(torch.uint8).numpy()
-                    _put(write_q, ("data", memoryview(data), None), self._cancelled)
+                    if chunk.first and chunk.tensor.op == "merge":
+                        terms = self._load_factors(chunk.tensor)
+                    out_buf = write_pool.take()
+                    out_len = self._compute_into(chunk, buf, length, out_buf, terms, tiles)
+                    read_pool.give(buf)
+                    _put(write_q, ("data", memoryview(out_buf)[:out_len], lambda b=out_buf: write_pool.give(b)), self._cancelled)
                 if chunk.last:
-                    factors = None
+                    terms = None
                     _put(write_q, ("tensor", chunk.tensor), self._cancelled)
-            if current_shard is not None:
-                _put(write_q, ("close", current_shard), self._cancelled)
             _put(write_q, None, self._cancelled)
-            writer.join()
         except _Stop:
             pass
-        except BaseException:
-            self._cancelled.set()
-            raise
+        except BaseException as exc:
+            self._fail(exc)
         finally:
-            if self._errors or sys.exc_info()[0] is not None:
-                self._cancelled.set()
             reader.join()
             writer.join()
             if bar is not None:

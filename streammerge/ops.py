@@ -51,27 +51,43 @@ def lora_delta(term: LoraTermF32, row_start: int, row_stop: int, out: torch.Tens
     return out.mul_(term.factor)
 
 
-def merge_rows(base_rows: torch.Tensor, terms: list[LoraTermF32], row_start: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Rows `[row_start, row_start + len(base_rows))` of the merged weight, in `out_dtype`."""
+@dataclass(frozen=True)
+class Tiles:
+    """Two float32 work tiles, allocated once per run: the accumulator and one term's delta."""
+
+    acc: torch.Tensor
+    delta: torch.Tensor
+
+    @classmethod
+    def allocate(cls, elements: int, device: torch.device) -> "Tiles":
+        return cls(torch.empty(elements, dtype=torch.float32, device=device), torch.empty(elements, dtype=torch.float32, device=device))
+
+
+def merge_rows(
+    base_rows: torch.Tensor,
+    terms: list[LoraTermF32],
+    row_start: int,
+    out_dtype: torch.dtype,
+    tiles: Tiles | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows `[row_start, row_start + len(base_rows))` of the merged weight, in `out_dtype`
+    (written into `out` when given, so the caller's buffer receives the result without a copy)."""
     rows, cols = base_rows.shape
-    out = torch.empty((rows, cols), dtype=out_dtype, device=base_rows.device)
-    tile_rows = max(1, TILE_ELEMENTS // max(cols, 1))
-    n = min(rows, tile_rows) * cols
-    acc_buf = torch.empty(n, dtype=torch.float32, device=base_rows.device)
-    delta_buf = torch.empty(n, dtype=torch.float32, device=base_rows.device)
+    if tiles is None:
+        tiles = Tiles.allocate(min(rows * cols, max(TILE_ELEMENTS, cols)), base_rows.device)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype, device=base_rows.device)
+    tile_rows = max(1, tiles.acc.numel() // max(cols, 1))
     for t0 in range(0, rows, tile_rows):
         t1 = min(rows, t0 + tile_rows)
-        acc = acc_buf[: (t1 - t0) * cols].view(t1 - t0, cols)
+        n = (t1 - t0) * cols
+        acc = tiles.acc[:n].view(t1 - t0, cols)
         acc.copy_(base_rows[t0:t1])
         for term in terms:
-            delta = delta_buf[: (t1 - t0) * cols].view(t1 - t0, cols)
-            acc.add_(lora_delta(term, row_start + t0, row_start + t1, delta))
+            acc.add_(lora_delta(term, row_start + t0, row_start + t1, tiles.delta[:n].view(t1 - t0, cols)))
         out[t0:t1].copy_(acc)
     return out
-
-
-def cast(chunk: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return chunk.to(out_dtype)
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

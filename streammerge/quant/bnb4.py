@@ -393,6 +393,18 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)
 
 
+def _native_ok(fmt: Bnb4Format, b: torch.Tensor, n_elements: int) -> bool:
+    """Whether bitsandbytes' CPU kernel can be used for this chunk: it is only flat-block-correct
+    when rows hold whole blocks (bnb 0.50.2's AVX-512 path indexes blocks per row); there it is
+    bit-identical to the reference (tested) and ~10x faster than the torch path."""
+    return (
+        b.device.type == "cpu"
+        and len(fmt.shape) >= 2
+        and fmt.n_cols % fmt.blocksize == 0
+        and n_elements % fmt.n_cols == 0
+    )
+
+
 def dequantize_range(
     fmt: Bnb4Format,
     packed_bytes: torch.Tensor,
@@ -429,6 +441,14 @@ def dequantize_range(
         raise ValueError(f"absmax must be float32 (use decode_absmax), got {_dtype_name(a.dtype)}")
     if code.numel() != 16:
         raise ValueError(f"4-bit code must have 16 entries, got {code.numel()}")
+    if _native_ok(fmt, b, n_elements):
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+        if not torch.equal(code.detach().reshape(16).float(), codebook(fmt.quant_type)):
+            raise ValueError(f"code is not bitsandbytes' {fmt.quant_type} codebook")
+        shape = [n_elements // fmt.n_cols, fmt.n_cols]
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(b, a, bs, fmt.quant_type, shape, out_dtype)
+        return out.reshape(-1).to(torch.float32)
     # same arithmetic as bitsandbytes' reference kernel: fp32 code value * fp32 absmax, then cast
     vals = _pair_table(code.to(b.device)).index_select(0, b.to(torch.int32)).reshape(-1)
     if vals.numel() != nb * bs:

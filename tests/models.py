@@ -1,0 +1,286 @@
+"""Tiny, real, deterministic checkpoints and LoRA adapters built at test time.
+
+Everything here uses transformers + peft themselves, so the *oracle* (what a merge
+must produce) is PEFT's own ``merge_and_unload`` and the merged model's logits,
+never streammerge's code.
+
+    build_base(path, arch, *, dtype=torch.float32, max_shard_size=None,
+               tie_word_embeddings=None, seed=0, **config_overrides) -> Path
+    build_adapter(base_path, out_path, *, seed=1, **lora_kwargs) -> AdapterCase
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral")
+
+# special-token ids shared by every tiny model and its tokenizer
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+# default attention/MLP module names per arch (what a "typical" adapter targets)
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+# --------------------------------------------------------------------------- base
+
+
+def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, Any]):
+    from transformers import (
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
+
+    common = dict(
+        vocab_size=160,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    if arch == "gpt2":
+        kw = dict(common, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)
+        # GPT2Config has no pad_token_id default issue, keep it explicit anyway
+        cls = GPT2Config
+        tie = True if tie_word_embeddings is None else tie_word_embeddings
+    else:
+        kw = dict(
+            common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        cls = {
+            "llama": LlamaConfig,
+            "mistral": MistralConfig,
+            "qwen2": Qwen2Config,
+            "phi3": Phi3Config,
+        }[arch]
+        if arch == "phi3":
+            kw["original_max_position_embeddings"] = 64
+        # qwen2: biases on q/k/v (built in) and tied embeddings by default
+        default_tie = arch == "qwen2"
+        tie = default_tie if tie_word_embeddings is None else tie_word_embeddings
+    kw["tie_word_embeddings"] = tie
+    kw.update(overrides)
+    return cls(**kw)
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial weights: every parameter random (norm scales around 1, biases != 0)."""
+    g = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim == 1 and leaf == "weight":  # layer/rms norm scales
+            p.copy_(1.0 + 0.1 * noise)
+        elif leaf == "bias":
+            p.copy_(0.05 * noise)
+        else:
+            fan_in = p.shape[-1] if p.ndim > 1 else p.shape[0]
+            p.copy_(noise * (1.0 / fan_in) ** 0.5)
+
+
+def build_tokenizer(path: Path, vocab_size: int):
+    """An offline WordLevel tokenizer (special tokens + w4..wN) saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for i in range(len(SPECIAL_TOKENS), vocab_size):
+        vocab[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_base(
+    path,
+    arch: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size=None,
+    tie_word_embeddings: bool | None = None,
+    seed: int = 0,
+    **config_overrides,
+) -> Path:
+    """Build a tiny random ``arch`` model at ``path`` (weights, config, tokenizer, generation config)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; one of {ARCHS}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = _config(arch, tie_word_embeddings, config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, seed)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.eval()
+    # a distinctive generation config (so "copied" is checkable)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=7, do_sample=False
+    )
+    kw = {}
+    if max_shard_size is not None:
+        kw["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(path), **kw)
+    build_tokenizer(path, config.vocab_size)
+    assert (path / "generation_config.json").exists()
+    return path
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+@dataclass
+class LoraTarget:
+    """What PEFT resolved for one targeted module (the independent truth for references)."""
+
+    module: str  # e.g. "model.layers.0.self_attn.q_proj"
+    weight_name: str  # base tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    A: torch.Tensor  # [r, in]  float32
+    B: torch.Tensor  # [out, r] float32
+    scale: float
+    fan_in_fan_out: bool
+
+    def delta64(self) -> torch.Tensor:
+        """scale * (B @ A) in float64, laid out like the base weight (transposed for fan_in_fan_out)."""
+        d = (self.B.double() @ self.A.double()) * self.scale
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclass
+class AdapterCase:
+    base_path: Path
+    adapter_path: Path
+    arch: str
+    lora_kwargs: dict
+    merged_state_dict: dict[str, torch.Tensor]  # PEFT merge_and_unload(), float32, cloned
+    base_state_dict: dict[str, torch.Tensor]  # base as loaded in float32 (before merge)
+    input_ids: torch.Tensor  # [2, 12]
+    ref_logits: torch.Tensor  # merged f32 model(input_ids).logits
+    targets: dict[str, LoraTarget] = field(default_factory=dict)  # by weight_name
+
+    @property
+    def merged_weight_names(self) -> set[str]:
+        return set(self.targets)
+
+
+def _peft_model_prefix_strip(name: str) -> str:
+    # names under PeftModel: base_model.model.<transformers name>
+    for p in ("base_model.model.",):
+        if name.startswith(p):
+            return name[len(p) :]
+    return name
+
+
+def make_input_ids(vocab_size: int, seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(len(SPECIAL_TOKENS), vocab_size, (2, 12), generator=g)
+
+
+def build_adapter(base_path, out_path, *, seed: int = 1, **lora_kwargs) -> AdapterCase:
+    """Random (non-zero) LoRA adapter over ``base_path`` with PEFT; returns paths + PEFT oracle."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base_path = Path(base_path)
+    out_path = Path(out_path)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    model.eval()
+    arch = model.config.model_type
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    kw = dict(lora_kwargs)
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    kw.setdefault("target_modules", DEFAULT_TARGETS.get(arch, "all-linear"))
+    kw.setdefault("lora_dropout", 0.0)
+    kw.setdefault("task_type", "CAUSAL_LM")
+    if arch == "gpt2":
+        kw.setdefault("fan_in_fan_out", True)
+    config = LoraConfig(init_lora_weights=False, **kw)
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    peft_model.eval()
+    peft_model.save_pretrained(str(out_path))
+
+    targets: dict[str, LoraTarget] = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+            tname = _peft_model_prefix_strip(name)
+            targets[tname + ".weight"] = LoraTarget(
+                module=tname,
+                weight_name=tname + ".weight",
+                A=mod.lora_A["default"].weight.detach().float().clone(),
+                B=mod.lora_B["default"].weight.detach().float().clone(),
+                scale=float(mod.scaling["default"]),
+                fan_in_fan_out=bool(getattr(mod, "fan_in_fan_out", False)),
+            )
+    if not targets:
+        raise AssertionError("PEFT targeted no module; the adapter would be empty")
+
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    merged_sd = {k: v.detach().float().clone() for k, v in merged.state_dict().items()}
+    ids = make_input_ids(merged.config.vocab_size)
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits.detach().float().clone()
+
+    return AdapterCase(
+        base_path=base_path,
+        adapter_path=out_path,
+        arch=arch,
+        lora_kwargs=kw,
+        merged_state_dict=merged_sd,
+        base_state_dict=base_sd,
+        input_ids=ids,
+        ref_logits=logits,
+        targets=targets,
+    )
+
+
+def read_json(path) -> Any:
+    with open(path) as f:
+        return json.load(f)
