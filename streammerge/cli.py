@@ -109,12 +109,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
 
     quiet = args.quiet or not sys.stderr.isatty()
-    _show_our_warnings()
-    result = merge(
-        args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
-        method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
-        max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-    )
+    with warnings.catch_warnings():
+        _show_our_warnings()
+        result = merge(
+            args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
+            method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+            max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+        )
     if not args.quiet and result.plan.options.method == "lora":
         print(f"wrote the adapter ({len(result.plan.tensors)} tensors) -> {result.out} in {result.seconds:.1f} s")
     elif not args.quiet:
@@ -129,9 +130,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _show_our_warnings() -> None:
-    """Our warnings (e.g. an adapter that changes nothing) as one `warning: ...` line on stderr."""
+    """Our warnings (e.g. an adapter that changes nothing) as one `warning: ...` line on stderr,
+    whatever the warning filters say (call inside `warnings.catch_warnings()`)."""
     from .errors import StreamMergeWarning
 
+    warnings.simplefilter("always", StreamMergeWarning)
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):

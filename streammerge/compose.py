@@ -100,6 +100,8 @@ def _check_weight(adapter: Adapter, edits: list[Edit]) -> None:
     if adapter.weight == 1.0:
         return
     for edit in edits:
+        if edit.kind == "replace" and edit.reason == "base_layer":
+            continue  # the frozen layer PEFT saved with the adapter: the starting value, not a change
         if edit.kind in ("dora", "replace", "token_rows"):
             what = {"dora": "DoRA", "replace": f"a full saved tensor ({edit.reason})", "token_rows": "trainable tokens"}[edit.kind]
             raise UnsupportedError(

@@ -53,6 +53,17 @@ def untied_config(config: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+_EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+
+
+def guess_ties(names: set[str]) -> dict[str, str]:
+    """lm_head.weight -> the one input embedding, for models transformers cannot instantiate."""
+    if "lm_head.weight" in names:
+        return {}
+    embeddings = [n for n in names if n.endswith(_EMBEDDING_NAMES)]
+    return {"lm_head.weight": embeddings[0]} if len(embeddings) == 1 else {}
+
+
 def _auto_config(config: dict[str, Any]):
     from transformers import AutoConfig
 

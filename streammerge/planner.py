@@ -244,11 +244,14 @@ def _term(t) -> LoraTerm:
 
 def _ties(checkpoint: Checkpoint) -> dict[str, str]:
     """Output tensors tied to a checkpoint tensor and absent from it (only when the config ties)."""
-    from .model_info import model_info, ties_requested
+    from .model_info import guess_ties, model_info, ties_requested
 
     if not ties_requested(checkpoint.config):
         return {}
-    return dict(model_info(checkpoint).tied)
+    try:
+        return dict(model_info(checkpoint).tied)
+    except UnsupportedError:  # transformers cannot build this model: the common names
+        return guess_ties(set(checkpoint.tensors))
 
 
 def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: MergeOptions) -> MergePlan:
@@ -431,7 +434,7 @@ def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_not
         f"base:       {plan.base}",
         *[f"adapter:    {a['path']}" + (f" (weight {a['weight']:g})" if a["weight"] != 1.0 else "") for a in plan.adapters],
         f"method:     {plan.options.method}" + (f", dtype {plan.options.dtype}" if plan.options.dtype else ", dtype as base"),
-        f"tensors:    {len(plan.tensors)} total: {counts.get('merge', 0)} merged ({n_terms} terms), "
+        f"tensors:    {len(plan.tensors)} total: {counts.get('merge', 0)} merged ({n_terms} LoRA terms), "
         f"{counts.get('copy', 0)} copied, {counts.get('cast', 0)} cast",
         "ops:        " + ", ".join(f"{op} {n}" for op, n in sorted(counts.items())),
         "terms:      " + (", ".join(f"{kind} {n}" for kind, n in sorted(plan.term_counts().items())) or "none"),
