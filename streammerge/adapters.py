@@ -297,6 +297,8 @@ def resolve_edits(
     tied = dict(tied or {})
     modules, tokens, full = _classify(adapter)
     edits: list[Edit] = []
+    for kind, module, param, key, info in full:  # first: a resized layer explains mismatched factors
+        edits.append(_resolve_full(adapter, kind, module, param, key, info, shapes))
     lora_modules: set[str] = set()
     for module, found in sorted(modules.items()):
         new = _resolve_module(adapter, module, found, shapes, tied, model_info)
@@ -305,8 +307,6 @@ def resolve_edits(
             lora_modules.add(module)
     for module, (key, info) in sorted(tokens.items()):
         edits.append(_resolve_tokens(adapter, module, key, info, shapes, len(tokens)))
-    for kind, module, param, key, info in full:
-        edits.append(_resolve_full(adapter, kind, module, param, key, info, shapes))
     if not edits:
         raise AdapterError(f"{adapter.weights_file}: the adapter holds no tensors")
     _check_targets_matched(adapter, shapes, lora_modules)

@@ -19,7 +19,7 @@ from .errors import OptionError, OutputError, StreamMergeWarning
 from .io.checkpoint import open_checkpoint
 from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
 from .options import AdapterSpec, MergeOptions
-from .planner import ADAPTER_WEIGHTS_FILE, MergePlan, build_adapter_plan, build_plan
+from .planner import MergePlan, build_adapter_plan, build_plan
 
 AdapterArg = str | Path | AdapterSpec | tuple[str, float]
 

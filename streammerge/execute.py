@@ -23,10 +23,10 @@ import torch
 
 from . import ops
 from .errors import ExecutionError, OutputError, PlanError
-from .terms import TensorMath, factor_bytes, needs_prepass
 from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
 from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor
+from .terms import TensorMath, factor_bytes, needs_prepass
 
 READ_BUFFERS = 3  # one being read, one queued, one being computed on (or written, for copies)
 WRITE_BUFFERS = 2  # one being filled by the math, one being written

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .adapters import Adapter, Edit, resolve_edits
+from .adapters import Adapter
 from .errors import PlanError, UnsupportedError
 from .io.checkpoint import Checkpoint
 from .io.safetensors import FLOAT_DTYPES, FROM_TORCH_NAME, ITEMSIZE, TensorInfo, TensorSpec, build_header, save_order

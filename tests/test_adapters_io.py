@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -253,6 +252,21 @@ def test_unsupported_refused_and_nothing_written(feature, llama_case, tmp_path, 
         rc, stdout, err = cli(capsys, *cmd)
         assert_refused(rc, err, NAMED[feature])
         assert not stdout.strip()
+    assert_nothing_written(out)
+
+
+def test_resized_vocabulary_refused(llama_case, tmp_path, capsys):
+    """An adapter trained after resize_token_embeddings carries a differently shaped embedding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_case.base_path), dtype=torch.float32)
+    model.resize_token_embeddings(176)
+    adapter = tmp_path / "resized"
+    get_peft_model(model, LoraConfig(target_modules=["embed_tokens", "q_proj"], r=4)).save_pretrained(str(adapter))
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "merge", llama_case.base_path, adapter, "--out", out)
+    assert_refused(rc, err, "resized", "embed_tokens")
     assert_nothing_written(out)
 
 

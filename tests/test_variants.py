@@ -71,6 +71,8 @@ DORA_CASES = {
     "gpt2-columns": ("gpt2", dict(target_modules=["c_attn", "c_fc", "c_proj"], use_dora=True), 3),
     # embedding [vocab, dim]: norms over the vocabulary, per embedding dimension
     "llama-embedding": ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_dora=True), 7),
+    # phi3's fused qkv_proj / gate_up_proj: row norms over the fused output rows
+    "phi3-fused": ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj"], use_dora=True), 6),
 }
 
 
