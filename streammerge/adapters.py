@@ -519,8 +519,10 @@ def _resolve_full(adapter, kind, module, param, key, info, shapes) -> Edit:
         reason = "modules_to_save"
     else:
         target = tensor_name(module, param, shapes)
-        if kind == "base_layer":
-            reason = "base_layer"
+        if kind == "base_layer" and param == "bias" and getattr(config, "bias", "none") in ("all", "lora_only"):
+            reason = "bias"  # a trained bias of a LoRA layer (bias='all' / 'lora_only')
+        elif kind == "base_layer":
+            reason = "base_layer"  # the frozen layer PEFT saves with embedding LoRAs (save_embedding_layers)
         elif _in_modules_to_save(config, module):
             reason = "modules_to_save"
         elif param == "bias" and getattr(config, "bias", "none") in ("all", "lora_only"):
