@@ -90,6 +90,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .planner import summary_lines
 
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
+    for note in plan.notes:
+        if note.startswith("WARNING"):
+            print(f"warning: {note.removeprefix('WARNING: ')}", file=sys.stderr)
     if args.json:
         print(plan.to_json())
         return 0
@@ -106,19 +109,41 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
 
     quiet = args.quiet or not sys.stderr.isatty()
-    result = merge(
-        args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
-        method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
-        max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-    )
-    if not args.quiet:
+    with warnings.catch_warnings():
+        _show_our_warnings()
+        result = merge(
+            args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
+            method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+            max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+        )
+    if not args.quiet and result.plan.options.method == "lora":
+        print(f"wrote the adapter ({len(result.plan.tensors)} tensors) -> {result.out} in {result.seconds:.1f} s")
+    elif not args.quiet:
         counts = result.plan.counts()
         print(
-            f"merged {counts.get('merge', 0)} tensors, copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
+            f"merged {sum(n for op, n in counts.items() if op not in ('copy', 'cast'))} tensors, "
+            f"copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
             f"{result.out} ({format_size(result.plan.total_size)} in {len(result.shards)} shard(s)) "
             f"in {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}"
         )
     return 0
+
+
+def _show_our_warnings() -> None:
+    """Our warnings (e.g. an adapter that changes nothing) as one `warning: ...` line on stderr,
+    whatever the warning filters say (call inside `warnings.catch_warnings()`)."""
+    from .errors import StreamMergeWarning
+
+    warnings.simplefilter("always", StreamMergeWarning)
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, StreamMergeWarning):
+            print(f"warning: {str(message).removeprefix('WARNING: ')}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -37,3 +37,7 @@ class ExecutionError(StreamMergeError):
     """Something failed while tensors were being computed or written."""
 
     exit_code = 1
+
+
+class StreamMergeWarning(UserWarning):
+    """Something the user must know although the merge can go on (e.g. an adapter that changes nothing)."""

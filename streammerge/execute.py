@@ -26,6 +26,7 @@ from .errors import ExecutionError, OutputError, PlanError
 from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
 from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor
+from .terms import TensorMath, factor_bytes, needs_prepass
 
 READ_BUFFERS = 3  # one being read, one queued, one being computed on (or written, for copies)
 WRITE_BUFFERS = 2  # one being filled by the math, one being written
@@ -55,8 +56,16 @@ class Layout:
         return (READ_BUFFERS + WRITE_BUFFERS) * self.buffer_bytes + 8 * self.tile_elements + self.factor_bytes
 
 
+MATH_OPS = ("merge", "bias_add", "token_rows")  # ops computed in float32 from base + terms
+
+
 def _factor_bytes(tensor: OutputTensor) -> int:
-    return sum(math.prod(s.shape) * (ITEMSIZE[s.dtype] + 4) for term in tensor.loras for s in (term.a, term.b))
+    return factor_bytes(tensor)
+
+
+def is_passthrough(tensor: OutputTensor) -> bool:
+    """Bytes written as read: a copy, or an adapter's full tensor already in the output dtype."""
+    return tensor.op == "copy" or (tensor.op == "replace" and tensor.source.dtype == tensor.dtype)
 
 
 def _row_bytes(tensor: OutputTensor) -> int:
@@ -65,7 +74,7 @@ def _row_bytes(tensor: OutputTensor) -> int:
 
 
 def plan_layout(plan: MergePlan) -> Layout:
-    merges = [t for t in plan.tensors if t.op == "merge"]
+    merges = [t for t in plan.tensors if t.op in MATH_OPS]
     tile = max([ops.TILE_ELEMENTS] + [_rows_and_width(t.shape)[1] for t in merges]) if merges else 0
     factors = max((_factor_bytes(t) for t in merges), default=0)
     widest = max((_row_bytes(t) for t in plan.tensors), default=1)
@@ -89,6 +98,7 @@ class Chunk:
     row_stop: int
     first: bool
     last: bool
+    prepass: bool = False  # a first read of the rows (column-norm DoRA), nothing written
 
     @property
     def rows(self) -> int:
@@ -103,9 +113,13 @@ def chunks_of(tensor: OutputTensor, layout: Layout, max_rows: int | None) -> Ite
     step = max(1, layout.buffer_bytes // _row_bytes(tensor))
     if max_rows is not None:
         step = min(step, max_rows)
+    prepass = needs_prepass(tensor)
+    if prepass:  # column norms need every row before the first row can be written
+        for start in range(0, rows, step):
+            yield Chunk(tensor, start, min(rows, start + step), start == 0, False, prepass=True)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        yield Chunk(tensor, start, stop, start == 0, stop == rows)
+        yield Chunk(tensor, start, stop, start == 0 and not prepass, stop == rows)
 
 
 def _fix_malloc_threshold() -> None:
@@ -284,33 +298,37 @@ class Executor:
 
     # -- compute (calling thread)
 
-    def _load_factors(self, tensor: OutputTensor) -> list[ops.LoraTermF32]:
-        terms = []
-        for term in tensor.loras:
-            pair = []
-            for src in (term.a, term.b):
-                buf = bytearray(src.end - src.start)
-                pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
-                pair.append(torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape))
-            terms.append(ops.lora_term(pair[0], pair[1], term.factor, term.transpose, self.device))
-        return terms
+    def _read_source(self, src) -> torch.Tensor:
+        buf = bytearray(src.end - src.start)
+        pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
+        return torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape) if buf else torch.empty(src.shape, dtype=torch_dtype(src.dtype))
+
+    def _load_factors(self, tensor: OutputTensor) -> TensorMath:
+        return TensorMath.load(tensor, self._read_source, self.device)
+
+    def _base_rows(self, chunk: Chunk, buf: bytearray, length: int) -> torch.Tensor:
+        width = _rows_and_width(chunk.tensor.shape)[1]
+        base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(chunk.tensor.source.dtype))
+        return base.reshape(chunk.rows, width)
+
+    def _prepass(self, chunk: Chunk, buf: bytearray, length: int, math_: TensorMath, tiles) -> None:
+        math_.prepass(self._base_rows(chunk, buf, length).to(self.device), chunk.row_start, tiles)
 
     def _compute_into(self, chunk: Chunk, buf: bytearray, length: int, out_buf: bytearray, terms, tiles) -> int:
         """Math for one chunk, written into `out_buf`; returns the number of output bytes."""
         tensor = chunk.tensor
         width = _rows_and_width(tensor.shape)[1]
-        base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(tensor.source.dtype))
-        base = base.reshape(chunk.rows, width)
+        base = self._base_rows(chunk, buf, length)
         out_dtype = torch_dtype(tensor.dtype)
         out_len = chunk.rows * width * ITEMSIZE[tensor.dtype]
         out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).view(out_dtype).reshape(chunk.rows, width)
         on_device = self.device.type != "cpu"
-        if tensor.op == "cast":
+        if tensor.op not in MATH_OPS:  # cast, or an adapter's full tensor in another dtype
             out.copy_(base)
         elif on_device:
-            out.copy_(ops.merge_rows(base.to(self.device), terms, chunk.row_start, out_dtype, tiles=tiles))
+            out.copy_(terms.compute(base.to(self.device), chunk.row_start, out_dtype, tiles))
         else:
-            ops.merge_rows(base, terms, chunk.row_start, out_dtype, tiles=tiles, out=out)
+            terms.compute(base, chunk.row_start, out_dtype, tiles, out=out)
         return out_len
 
     def run(self) -> RunStats:
@@ -319,7 +337,7 @@ class Executor:
         start = time.perf_counter()
         size = self.layout.buffer_bytes
         read_pool = _Pool(READ_BUFFERS, size, self._cancelled)
-        write_pool = _Pool(WRITE_BUFFERS, size, self._cancelled) if any(t.op != "copy" for t in self.plan.tensors) else None
+        write_pool = _Pool(WRITE_BUFFERS, size, self._cancelled) if not all(map(is_passthrough, self.plan.tensors)) else None
         tiles = ops.Tiles.allocate(self.layout.tile_elements, self.device) if self.layout.tile_elements else None
         read_q: queue.Queue = queue.Queue(maxsize=1)
         write_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
@@ -340,11 +358,15 @@ class Executor:
                     _put(write_q, item, self._cancelled)  # open / close markers pass through in order
                     continue
                 _, chunk, buf, length = item
-                if chunk.tensor.op == "copy":  # bytes as they are: hand the read buffer to the writer
+                if chunk.first and chunk.tensor.op in MATH_OPS:
+                    terms = self._load_factors(chunk.tensor)
+                if is_passthrough(chunk.tensor):  # bytes as they are: hand the read buffer to the writer
                     _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
+                elif chunk.prepass:  # read once more later; nothing to write yet
+                    self._prepass(chunk, buf, length, terms, tiles)
+                    read_pool.give(buf)
+                    continue
                 else:
-                    if chunk.first and chunk.tensor.op == "merge":
-                        terms = self._load_factors(chunk.tensor)
                     out_buf = write_pool.take()
                     out_len = self._compute_into(chunk, buf, length, out_buf, terms, tiles)
                     read_pool.give(buf)

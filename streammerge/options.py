@@ -12,7 +12,7 @@ from typing import Any
 from .errors import OptionError
 
 METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
-SUPPORTED_METHODS = ("merged_16bit",)
+SUPPORTED_METHODS = ("merged_16bit", "lora")
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -105,7 +105,9 @@ class MergeOptions:
         if method not in METHODS:
             raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
         if method not in SUPPORTED_METHODS:
-            raise OptionError(f"--method {method} is not yet supported in this version; use --method merged_16bit")
+            raise OptionError(
+                f"--method {method} is not yet supported in this version; use one of {', '.join(SUPPORTED_METHODS)}"
+            )
         if max_chunk_rows is not None and max_chunk_rows < 1:
             raise OptionError("max_chunk_rows must be at least 1")
         return cls(

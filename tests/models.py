@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral")
+ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gpt_oss", "qwen3_moe")
 
 # special-token ids shared by every tiny model and its tokenizer
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -36,7 +36,13 @@ DEFAULT_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
+# MoE archs: fused 3-D expert parameters, targeted with target_parameters (PEFT ParamWrapper).
+# gpt_oss stores them fused on disk ([E, in, out], is_transposed); qwen3_moe stores them per expert
+# on disk (transformers fuses them to [E, out, in] at load time).
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 # --------------------------------------------------------------------------- base
@@ -45,10 +51,12 @@ DEFAULT_TARGETS = {
 def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, Any]):
     from transformers import (
         GPT2Config,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         Phi3Config,
         Qwen2Config,
+        Qwen3MoeConfig,
     )
 
     common = dict(
@@ -57,7 +65,17 @@ def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, An
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
-    if arch == "gpt2":
+    if arch in ("gpt_oss", "qwen3_moe"):
+        kw = dict(common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64)
+        if arch == "gpt_oss":  # experts: gate_up [4, 32, 48], down [4, 24, 32]
+            kw.update(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+            cls = GptOssConfig
+        else:  # experts: gate_up [4, 48, 32] (per expert on disk: gate/up [24, 32]), down [4, 32, 24]
+            kw.update(intermediate_size=64, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
+            cls = Qwen3MoeConfig
+        tie = False if tie_word_embeddings is None else tie_word_embeddings
+    elif arch == "gpt2":
         kw = dict(common, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)
         # GPT2Config has no pad_token_id default issue, keep it explicit anyway
         cls = GPT2Config
@@ -199,6 +217,8 @@ class AdapterCase:
     input_ids: torch.Tensor  # [2, 12]
     ref_logits: torch.Tensor  # merged f32 model(input_ids).logits
     targets: dict[str, LoraTarget] = field(default_factory=dict)  # by weight_name
+    peft_logits: torch.Tensor | None = None  # the unmerged PeftModel's logits (what the adapter computes)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> PEFT get_delta_weight()
 
     @property
     def merged_weight_names(self) -> set[str]:
@@ -218,8 +238,27 @@ def make_input_ids(vocab_size: int, seed: int = 1234) -> torch.Tensor:
     return torch.randint(len(SPECIAL_TOKENS), vocab_size, (2, 12), generator=g)
 
 
-def build_adapter(base_path, out_path, *, seed: int = 1, **lora_kwargs) -> AdapterCase:
-    """Random (non-zero) LoRA adapter over ``base_path`` with PEFT; returns paths + PEFT oracle."""
+@torch.no_grad()
+def _perturb_extras(peft_model, seed: int) -> None:
+    """Make every trained tensor that is not a LoRA factor differ from its initial value (DoRA
+    magnitudes, modules_to_save copies, trainable token rows, lora_B biases): otherwise they equal
+    what they were initialized from and a merge that ignored them would still look right."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad or ".lora_A." in name or (".lora_B." in name and name.endswith("weight")):
+            continue
+        if "lora_embedding_" in name:
+            continue
+        p.mul_(1.0 + 0.2 * torch.randn(p.shape, generator=g)).add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def build_adapter(base_path, out_path, *, seed: int = 1, perturb: bool = False, save_kwargs: dict | None = None,
+                  save_merged: bool = False, **lora_kwargs) -> AdapterCase:
+    """Random (non-zero) LoRA adapter over ``base_path`` with PEFT; returns paths + PEFT oracle.
+
+    perturb: also randomize DoRA magnitudes, modules_to_save copies, trainable tokens and lora biases.
+    save_kwargs: passed to save_pretrained (e.g. safe_serialization=False for a legacy .bin).
+    save_merged: also save PEFT's merged model (transformers' on-disk layout) to ``out_path/peft-merged``."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
@@ -244,11 +283,22 @@ def build_adapter(base_path, out_path, *, seed: int = 1, **lora_kwargs) -> Adapt
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     peft_model.eval()
-    peft_model.save_pretrained(str(out_path))
+    if perturb:
+        _perturb_extras(peft_model, seed)
+    peft_model.save_pretrained(str(out_path), **(save_kwargs or {}))
+    ids = make_input_ids(peft_model.config.vocab_size)
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=ids).logits.detach().float().clone()
 
     targets: dict[str, LoraTarget] = {}
+    deltas: dict[str, torch.Tensor] = {}
     for name, mod in peft_model.named_modules():
+        if type(mod).__name__ == "ParamWrapper":
+            continue
+        if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_embedding_A", {}):
+            deltas[_peft_model_prefix_strip(name) + ".weight"] = mod.get_delta_weight("default").detach().clone()
         if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+            deltas[_peft_model_prefix_strip(name) + ".weight"] = mod.get_delta_weight("default").detach().clone()
             tname = _peft_model_prefix_strip(name)
             targets[tname + ".weight"] = LoraTarget(
                 module=tname,
@@ -258,13 +308,14 @@ def build_adapter(base_path, out_path, *, seed: int = 1, **lora_kwargs) -> Adapt
                 scale=float(mod.scaling["default"]),
                 fan_in_fan_out=bool(getattr(mod, "fan_in_fan_out", False)),
             )
-    if not targets:
+    if not targets and not config.target_parameters and not deltas and not perturb:
         raise AssertionError("PEFT targeted no module; the adapter would be empty")
 
     merged = peft_model.merge_and_unload()
     merged.eval()
     merged_sd = {k: v.detach().float().clone() for k, v in merged.state_dict().items()}
-    ids = make_input_ids(merged.config.vocab_size)
+    if save_merged:
+        merged.save_pretrained(str(out_path / "peft-merged"))
     with torch.no_grad():
         logits = merged(input_ids=ids).logits.detach().float().clone()
 
@@ -278,6 +329,8 @@ def build_adapter(base_path, out_path, *, seed: int = 1, **lora_kwargs) -> Adapt
         input_ids=ids,
         ref_logits=logits,
         targets=targets,
+        peft_logits=peft_logits,
+        deltas=deltas,
     )
 
 
