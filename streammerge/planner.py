@@ -218,7 +218,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
         shards.append(OutputShard(filename, size, len(header), tensors))
 
     plan = MergePlan(
-        base=str(checkpoint.root),
+        base=checkpoint.label,
         adapters=tuple({"path": str(a.path), "weight": a.weight} for a in adapters),
         options=options,
         shards=tuple(shards),
