@@ -183,7 +183,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class InputFiles(Protocol):
-    """Input files that may not exist yet (a Hub base downloaded while merging, io/fetch.py)."""
+    """Input files that may not exist yet (a Hub base downloaded while merging, io/fetch.py).
+
+    `begin` and the reader's last-read map must cover exactly the tensors the reader reads: a run
+    that skips finished tensors (resume) leaves them out of both, and then only the shards the
+    remaining tensors need are fetched.
+    """
 
     def begin(self, files: Sequence[str]) -> None:
         """The input file of every tensor the run will read, in read order."""

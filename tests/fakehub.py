@@ -5,7 +5,8 @@ HEAD and GET, with Range, ETag, X-Repo-Commit, Content-Length / Content-Range), 
 (`/api/repos/create`, `/api/models/{id}/branch/{b}`, `/api/validate-yaml`, `/api/models/{id}/preupload/{rev}`
 answering "regular" for every file, `/api/models/{id}/commit/{rev}` taking the ndjson payload).
 Every request is logged; `cut_once[path] = n` closes the connection after n body bytes of the
-first download of `path` (a GET without Range); `on_get(path)` observes such downloads as they start.
+first download of `path` (a GET without Range), `cut_range_once[path] = n` of its first ranged GET;
+`on_get(path)` observes downloads as they start.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.log: list[dict] = []
         self.cut_once: dict[str, int] = {}
+        self.cut_range_once: dict[str, int] = {}  # the same for the first ranged GET (a header read)
         self.on_get: Callable[[str], None] | None = None
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -255,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
         whole = self.headers.get("Range") is None  # a download, not a header read
         if whole and self.hub.on_get is not None:
             self.hub.on_get(name)
-        cut = self.hub.cut_once.pop(name, None) if whole else None
+        cut = (self.hub.cut_once if whole else self.hub.cut_range_once).pop(name, None)
         if cut is None:
             return self._send(entry, status, data[start:stop], headers)
         entry["status"] = status
@@ -263,9 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(stop - start))
         self.end_headers()
-        self.wfile.write(data[:cut])
+        self.wfile.write(data[start:stop][:cut])
         self.wfile.flush()
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)  # the client sees the body end early

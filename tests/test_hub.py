@@ -113,7 +113,8 @@ def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
     assert parse_hub_id("org/name@" + "a" * 40) == HubRef("org/name", "a" * 40)
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert parse_hub_id("org/name") is None  # an existing local folder always wins
-    assert parse_hub_id("org/typo") is None  # ./org exists: a local path with a typo, not a repo id
+    assert parse_hub_id("org/other") == HubRef("org/other", None)
+    assert parse_hub_id("./org/other") is None
     for local in ("./a/b", "/abs/path", "~/x/y", "single", "a/b/c", "a--b/c", "a/b@", "x\\y/z"):
         assert parse_hub_id(local) is None, local
     cache_snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / ("c" * 40)
@@ -191,12 +192,16 @@ def test_disk_estimate_matches_its_definition():
 
 def test_plan_reads_only_header_ranges(fake_hub, hub_case, tmp_path):
     fake_hub.log.clear()
+    shards = sorted(p for p in hub_case.base_path.glob("model-*.safetensors"))
+    fake_hub.cut_range_once[shards[0].name] = 100  # a connection dropped during a header read is retried
     env = hub_env(fake_hub, tmp_path / "hf")
     proc = cli(env, "plan", "org/base", "org/lora", "--low-disk")
     assert proc.returncode == 0, proc.stderr
-    shards = sorted(p for p in hub_case.base_path.glob("model-*.safetensors"))
     sizes = [p.stat().st_size for p in shards]
     gets = shard_gets(fake_hub)
+    dropped = [r for r in gets if "cut_at" in r]
+    assert len(dropped) == 1 and Path(dropped[0]["path"]).name == shards[0].name and dropped[0]["cut_at"] == 100
+    gets = [r for r in gets if "cut_at" not in r]
     assert sorted(Path(r["path"]).name for r in gets) == [p.name for p in shards]  # one request per shard ...
     assert all(r["range"] == "bytes=0-99999" and r["status"] == 206 for r in gets)  # ... a header range, never the file
     assert not fake_hub.requests("HEAD", "/model-")
@@ -372,7 +377,7 @@ def test_offline_mode_uses_the_cache_and_names_what_is_missing(fake_hub, hub_cas
 def test_hub_errors_are_one_line(fake_hub, hub_case, tmp_path):
     env = hub_env(fake_hub, tmp_path / "hf")
     cases = [
-        (("plan", "org/missing", "org/lora"), "no such repository"),
+        (("plan", "org/missing", "org/lora"), "no local folder of that name, and no such repository"),
         (("plan", "org/base@nope", "org/lora"), "revision does not exist"),
         (("plan", "org/lora", "org/lora"), "has no model.safetensors"),
         (("plan", "org/base", "org/base"), "no adapter_config.json"),

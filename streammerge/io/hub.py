@@ -63,14 +63,14 @@ class HubRef:
 def parse_hub_id(text: str | os.PathLike) -> HubRef | None:
     """`org/name` or `org/name@revision` -> HubRef; anything else (or any existing path) -> None.
 
-    A local path always wins: an existing file or folder, a path starting with `.`, `/` or `~`,
-    or one whose first component is an existing folder (a typo in a local path stays local).
+    A local path always wins: an existing file or folder, or a path starting with `.`, `/` or `~`
+    (write `./org/name` to insist on a local folder).
     """
     s = os.fspath(text)
     if not isinstance(s, str) or os.path.exists(s) or s.startswith((".", "/", "~")) or "\\" in s:
         return None
     match = _ID.match(s)
-    if not match or os.path.isdir(match.group("repo").split("/")[0]):
+    if not match:
         return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -162,8 +162,8 @@ def hub_errors(what: str, error: type[StreamMergeError] = InputError) -> Iterato
         raise error(f"{what}: the repo is gated; accept its terms on the Hub, then log in (`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise error(
-            f"{what}: no such repository on {endpoint} (or it is private and no token with access was found); "
-            "check the id, or log in with `hf auth login` / HF_TOKEN"
+            f"{what}: no local folder of that name, and no such repository on {endpoint} (or it is private and no "
+            "token with access was found); check the path or id, or log in with `hf auth login` / HF_TOKEN"
         ) from None
     except RevisionNotFoundError:
         raise error(f"{what}: that revision does not exist on {endpoint}; check the branch, tag or commit after '@'") from None
@@ -285,6 +285,7 @@ def open_hub_checkpoint(ref: HubRef) -> HubCheckpoint:
         return HubCheckpoint(source, local.files, config, {str(f.path) for f in local.files})
 
     cached: set[str] = set()
+    fetched = _prefetch_headers(source, names) if INDEX_FILE in names else {}
 
     def read_shard(path: Path, fname: str) -> SafetensorsFile:
         if fname not in names:
@@ -292,7 +293,10 @@ def open_hub_checkpoint(ref: HubRef) -> HubCheckpoint:
         if path.is_file():  # already in the cache: read locally, use in place
             cached.add(str(path))
             return read_header(path)
-        return read_remote_header(source, fname, path)
+        got = fetched.get(fname)
+        if isinstance(got, BaseException):
+            raise got
+        return got if got is not None else read_remote_header(source, fname, path)
 
     if INDEX_FILE in names:
         files = _open_sharded(root, root / INDEX_FILE, read_shard)
@@ -305,6 +309,31 @@ def open_hub_checkpoint(ref: HubRef) -> HubCheckpoint:
     if not any(f.tensors for f in files):
         raise InputError(f"base {ref}: the checkpoint holds no tensors")
     return HubCheckpoint(source, files, config, cached)
+
+
+def _prefetch_headers(source: HubSource, names: set[str], workers: int = 8) -> dict[str, SafetensorsFile | BaseException]:
+    """Headers of the shards the index lists, fetched concurrently (a 405B base has ~200 shards).
+
+    Best effort: anything odd (bad index, unsafe name, a failed request) is left for the validating
+    sequential pass in `_open_sharded`, which reports it properly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        index = read_json(source.root / INDEX_FILE, "index file")
+        shards = sorted({v for v in index["weight_map"].values() if isinstance(v, str)})
+        todo = {name: safe_member(source.root, name, INDEX_FILE) for name in shards if name in names}
+    except (InputError, KeyError, TypeError, AttributeError):
+        return {}
+    todo = {name: path for name, path in todo.items() if not path.is_file()}
+
+    def fetch(item: tuple[str, Path]) -> SafetensorsFile | BaseException:
+        try:
+            return read_remote_header(source, *item)
+        except Exception as exc:  # re-raised by read_shard, in index order
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(workers, max(1, len(todo)))) as pool:
+        return dict(zip(todo, pool.map(fetch, todo.items())))
 
 
 def _check_offline_complete(source: HubSource) -> None:
