@@ -205,6 +205,7 @@ def _resolve_offline(ref: HubRef, what: str) -> HubSource:
     ref_file = storage / "refs" / revision
     if commit is None and ref_file.is_file():
         commit = ref_file.read_text().strip()
+        commit = commit if _COMMIT.match(commit) else None
     root = storage / "snapshots" / (commit or "-")
     if commit is None or not root.is_dir():
         raise InputError(
