@@ -60,7 +60,9 @@ def local_merge(hub_case, tmp_path_factory):
 
 
 def hub_env(hub: FakeHub, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING")) and "proxy" not in k.lower()}
+    dead = "http://127.0.0.1:9"  # any request not for the fake Hub goes to a closed port, never out
+    env.update({f"{k}_proxy": dead for k in ("http", "https", "all")} | {"no_proxy": "127.0.0.1,localhost"})
     env.update(
         HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0",
         HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="10",
