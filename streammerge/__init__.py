@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "plan", "__version__"]
+__all__ = ["merge", "plan", "save_merged", "__version__"]
 
 
 def merge(*args, **kwargs):
@@ -22,3 +22,10 @@ def plan(*args, **kwargs):
     from .api import plan as _plan
 
     return _plan(*args, **kwargs)
+
+
+def save_merged(*args, **kwargs):
+    """Merge a live PeftModel's active adapters into its base, streaming; see `streammerge.live.save_merged`."""
+    from .live import save_merged as _save_merged
+
+    return _save_merged(*args, **kwargs)

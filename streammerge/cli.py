@@ -13,13 +13,14 @@ import sys
 import warnings
 
 from . import __version__
-from .errors import StreamMergeError
+from .errors import OptionError, StreamMergeError
 from .options import DTYPES, METHODS, MergeOptions, format_size
 
 EPILOG = """examples:
   streammerge plan  ./llama-8b ./my-lora
   streammerge merge ./llama-8b ./my-lora --out ./merged
   streammerge merge ./base ./lora-a ./lora-b@0.5 --out ./merged --dtype bfloat16 --max-memory 4GB
+  streammerge merge meta-llama/Llama-3.1-8B me/my-lora --out ./merged --low-disk --push-to-hub me/merged
   streammerge demo
 """
 
@@ -30,14 +31,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base checkpoint folder (model.safetensors or shards + index)")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA adapter folder; append @WEIGHT to scale it, e.g. ./lora@0.5")
+    p.add_argument("base", help="base checkpoint folder (model.safetensors or shards + index) or Hub repo org/name[@revision]")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA adapter folder or Hub repo; append @WEIGHT to scale it, e.g. ./lora@0.5")
     p.add_argument("--method", default="merged_16bit", choices=METHODS, help="what to write (default: merged_16bit)")
     p.add_argument("--dtype", default=None, help=f"output dtype: {'|'.join(DTYPES)} (default: the base's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--low-disk", action="store_true",
+                   help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--out", required=True, help="output folder")
     p_merge.add_argument("--overwrite", action="store_true", help="replace an existing, different output in OUT")
     p_merge.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p_merge.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="upload the result to this Hub repo (created if needed)")
+    p_merge.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
+    p_merge.add_argument("--revision", metavar="BRANCH", default=None, help="with --push-to-hub: the branch to push to (default: main)")
 
     p_demo = sub.add_parser("demo", help="build a small model + adapter, merge it, check it against PEFT")
     p_demo.add_argument("--keep", metavar="DIR", default=None, help="keep the demo files in DIR")
@@ -86,6 +92,7 @@ def _quiet_libraries() -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     options = _options(args)
     _quiet_libraries()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .api import _prepare
     from .planner import summary_lines
 
@@ -100,6 +107,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     free = shutil.disk_usage(os.getcwd()).free
     print("\n".join(summary_lines(plan, free_disk=free)))
+    from .io.hub import HubCheckpoint
+
+    if isinstance(checkpoint, HubCheckpoint):
+        from .hub_run import disk_estimate
+
+        print("\n".join(disk_estimate(checkpoint, plan, low_disk=args.low_disk).lines()))
     return 0
 
 
@@ -109,10 +122,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
 
     quiet = args.quiet or not sys.stderr.isatty()
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # downloads of a Hub base stay silent too
+    if (args.private or args.revision) and not args.push_to_hub:
+        raise OptionError("--private and --revision only apply with --push-to-hub ORG/NAME")
     with warnings.catch_warnings():
         _show_our_warnings()
         result = merge(
             args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
+            low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private, push_revision=args.revision,
             method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
             max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
         )
@@ -126,6 +144,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"{result.out} ({format_size(result.plan.total_size)} in {len(result.shards)} shard(s)) "
             f"in {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}"
         )
+        if result.pushed:
+            print(f"pushed to {args.push_to_hub}: {result.pushed}")
     return 0
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -196,6 +196,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class InputFiles(Protocol):
+    """Input files that may not exist yet (a Hub base downloaded while merging, io/fetch.py).
+
+    `begin` and the reader's last-read map must cover exactly the tensors the reader reads: a run
+    that skips finished tensors (resume) leaves them out of both, and then only the shards the
+    remaining tensors need are fetched.
+    """
+
+    def begin(self, files: Sequence[str]) -> None:
+        """The input file of every tensor the run will read, in read order."""
+
+    def acquire(self, path: str, cancelled: threading.Event) -> None:
+        """Block until `path` can be read (or `cancelled` is set)."""
+
+    def release(self, path: str) -> None:
+        """No tensor of this run reads `path` again."""
+
+    def end(self) -> None:
+        """The run is over (finished or failed)."""
+
+
 class Executor:
     """Runs a validated plan into `out_dir`; shards appear only once complete (`.partial` + rename)."""
 
@@ -207,12 +228,16 @@ class Executor:
         device: torch.device,
         progress: bool = False,
         on_tensor_done: Callable[[OutputTensor], None] | None = None,
+        on_shard_done: Callable[[str], None] | None = None,
+        inputs: InputFiles | None = None,
     ):
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
         self.progress = progress
         self.on_tensor_done = on_tensor_done
+        self.on_shard_done = on_shard_done  # called with the file name once a shard is committed
+        self.inputs = inputs
         self.layout = plan_layout(plan)
         self._cancelled = threading.Event()
         self._errors: list[BaseException] = []
@@ -238,11 +263,18 @@ class Executor:
     # -- reader thread: positioned reads into the read pool
 
     def _reader(self, pool: _Pool, out_q: queue.Queue) -> None:
+        last_read = {t.source.file: i for i, t in enumerate(self.plan.tensors)}
+        index = -1
         try:
             for shard in self.plan.shards:
                 _put(out_q, ("open", shard), self._cancelled)
                 for tensor in shard.tensors:
+                    index += 1
                     src = tensor.source
+                    if self.inputs is not None:
+                        self.inputs.acquire(src.file, self._cancelled)
+                        if self._cancelled.is_set():
+                            raise _Stop
                     row_bytes = _rows_and_width(src.shape)[1] * ITEMSIZE[src.dtype]
                     for chunk in chunks_of(tensor, self.layout, self.plan.options.max_chunk_rows):
                         offset, length = src.start + chunk.row_start * row_bytes, chunk.rows * row_bytes
@@ -251,6 +283,9 @@ class Executor:
                         pread_exact(fd, memoryview(buf)[:length], offset, src.file)
                         release_cache(fd, offset, length)
                         _put(out_q, ("chunk", chunk, buf, length), self._cancelled)
+                    if self.inputs is not None and last_read[src.file] == index:
+                        os.close(self._fds.pop(src.file))  # its bytes are in our buffers now
+                        self.inputs.release(src.file)
                 _put(out_q, ("close", shard), self._cancelled)
             _put(out_q, None, self._cancelled)
         except _Stop:
@@ -286,6 +321,8 @@ class Executor:
                     sha = writer.commit()
                     stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
                     writer = None
+                    if self.on_shard_done is not None:
+                        self.on_shard_done(item[1].filename)
         except _Stop:
             pass
         except OSError as exc:
@@ -349,6 +386,8 @@ class Executor:
                        file=sys.stderr, dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
+        if self.inputs is not None:
+            self.inputs.begin([t.source.file for t in self.plan.tensors])
         reader.start()
         writer.start()
         terms = None
@@ -382,6 +421,8 @@ class Executor:
         finally:
             reader.join()
             writer.join()
+            if self.inputs is not None:
+                self.inputs.end()
             if bar is not None:
                 bar.close()
             for fd in self._fds.values():

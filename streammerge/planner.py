@@ -281,7 +281,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
         shards.append(OutputShard(filename, size, len(header), tensors))
 
     plan = MergePlan(
-        base=str(checkpoint.root),
+        base=checkpoint.label,
         adapters=tuple(
             {"path": str(a.path), "weight": a.weight, "tensors": len(a.header.tensors)} for a in adapters
         ),

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import InputError
 from .safetensors import SafetensorsFile, TensorInfo, read_header
@@ -73,6 +73,7 @@ class Checkpoint:
         self.root = root
         self.files = files
         self.config = config
+        self.label = str(root)  # how plans and records name it (a Hub checkpoint: "org/name@commit")
         self.tensors: dict[str, TensorRef] = {}
         for f in files:
             for name, info in f.tensors.items():
@@ -122,7 +123,22 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(root, files, config)
 
 
-def _open_sharded(root: Path, index_path: Path) -> list[SafetensorsFile]:
+# Reads one shard's header: (path inside the checkpoint, file name as the index lists it) -> header.
+ShardHeaderReader = Callable[[Path, str], SafetensorsFile]
+
+
+def _read_local_shard(index_path: Path) -> ShardHeaderReader:
+    def read(shard_path: Path, fname: str) -> SafetensorsFile:
+        if not shard_path.is_file():
+            raise InputError(f"{index_path} lists {fname} but it is missing; download the complete checkpoint")
+        return read_header(shard_path)
+
+    return read
+
+
+def _open_sharded(root: Path, index_path: Path, read_shard: ShardHeaderReader | None = None) -> list[SafetensorsFile]:
+    """Validate an index against its shards' headers; `read_shard` lets a Hub checkpoint fetch them by range."""
+    read_shard = read_shard or _read_local_shard(index_path)
     index = read_json(index_path, "index file")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -137,9 +153,7 @@ def _open_sharded(root: Path, index_path: Path) -> list[SafetensorsFile]:
     seen: dict[str, str] = {}
     for fname in sorted(shard_names):
         shard_path = safe_member(root, fname, str(index_path))
-        if not shard_path.is_file():
-            raise InputError(f"{index_path} lists {fname} but it is missing; download the complete checkpoint")
-        header = read_header(shard_path)
+        header = read_shard(shard_path, fname)
         for name in header.tensors:
             if name in seen:
                 raise InputError(f"tensor {name!r} is stored in both {seen[name]} and {fname}; the checkpoint is inconsistent")
