@@ -202,8 +202,9 @@ def _refuse_nonfinite(chunk: Chunk, base: torch.Tensor, out: torch.Tensor) -> No
             "an adapter holds extreme values, or the output dtype is too narrow"
         )
     raise ExecutionError(
-        f"{tensor.source.file}: tensor {tensor.name!r}: the merged result has NaN/Inf at row {chunk.row_start + row}, "
-        f"column {col} ({why}); nothing was finished: fix the inputs, or pass --allow-nonfinite to write such values"
+        f"{tensor.source.file}: tensor {tensor.name!r}: the {'cast' if tensor.op == 'cast' else 'merged'} result has "
+        f"NaN/Inf at row {chunk.row_start + row}, column {col} ({why}); the output is left incomplete: fix the inputs, "
+        "or pass --allow-nonfinite to write such values"
     )
 
 

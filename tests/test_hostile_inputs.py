@@ -614,6 +614,18 @@ def test_nonfinite_adapter_is_merged_when_allowed(case, lora, tmp_path, capsys):
     assert torch.isnan(merged[5]).all() and torch.isfinite(merged[:5]).all()  # B row 5 poisons output row 5
 
 
+def test_adapter_values_are_checked_in_bounded_blocks(lora):
+    from streammerge.adapters import check_finite, load_adapter
+
+    def poison_last(t):
+        t[LORA_B][-1, -1] = float("nan")
+    edit_tensors(lora / "adapter_model.safetensors", poison_last)
+    adapter = load_adapter(lora)
+    for block_bytes in (1, 4, 100, 1 << 20):  # the NaN sits in the last block, whatever the block size
+        with pytest.raises(AdapterError, match=re.escape(f"{LORA_B}' holds 1 NaN/Inf")):
+            check_finite(adapter, block_bytes=block_bytes)
+
+
 # ----------------------------------------------------------------------- adapter_model.bin pickles
 
 
