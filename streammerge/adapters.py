@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import AdapterError, UnsupportedError
-from .io.checkpoint import read_json
-from .io.safetensors import SafetensorsFile, TensorInfo, read_header
+from .io.checkpoint import read_json, safe_member
+from .io.legacy import read_legacy_bin  # noqa: F401  (the one reader of adapter_model.bin)
+from .io.safetensors import FLOAT_DTYPES, TORCH_NAME, SafetensorsFile, TensorInfo, pread_exact, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -150,11 +151,39 @@ def _refuse_unsupported(path: Path, config: Any) -> None:
     checks = [
         (getattr(config, "layer_replication", None), "layer_replication"),
         (getattr(config, "use_qalora", False), "use_qalora"),
+        (getattr(config, "kasa_config", None), "kasa_config (KaSA changes the base weight)"),
+        (getattr(config, "use_bdlora", None), "use_bdlora (block-diagonal LoRA)"),
+        (getattr(config, "arrow_config", None), "arrow_config (routed LoRA cannot be merged)"),
+        (getattr(config, "monteclora_config", None), "monteclora_config"),
         (getattr(config, "bias", "none") not in ("none", "all", "lora_only", None), f"bias={getattr(config, 'bias', None)!r}"),
     ]
     for active, feature in checks:
         if active:
             raise UnsupportedError(f"{path}: adapter option {feature} is not supported; nothing was written")
+
+
+def _check_values(path: Path, config: Any) -> None:
+    """PEFT accepts any JSON for r, lora_alpha, the patterns and the targets; we need usable values."""
+    where = f"{path / CONFIG_NAME}"
+
+    def rank_ok(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def alpha_ok(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for field_name, value, ok, what in [
+        ("r", config.r, rank_ok, "a positive integer"),
+        ("lora_alpha", config.lora_alpha, alpha_ok, "a finite number"),
+    ]:
+        if not ok(value):
+            raise AdapterError(f"{where}: {field_name}={value!r} must be {what}; fix the config or re-export the adapter")
+    for field_name, ok, what in [("rank_pattern", rank_ok, "positive integers"), ("alpha_pattern", alpha_ok, "finite numbers")]:
+        pattern = getattr(config, field_name) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):
+            raise AdapterError(f"{where}: {field_name} must map module patterns to {what}; fix the config or re-export the adapter")
+    if not config.target_modules:
+        raise AdapterError(f"{where}: target_modules is empty, so the adapter targets nothing; fix the config or re-export the adapter")
 
 
 def load_adapter(path: str | Path, weight: float = 1.0) -> Adapter:
@@ -165,7 +194,7 @@ def load_adapter(path: str | Path, weight: float = 1.0) -> Adapter:
         raise AdapterError(f"adapter not found: {path} (give the folder holding adapter_config.json)")
     if not math.isfinite(weight):
         raise AdapterError(f"adapter {path}: weight {weight} is not a finite number")
-    config_path = path / CONFIG_NAME
+    config_path = safe_member(path, CONFIG_NAME, str(path))
     raw = read_json(config_path, CONFIG_NAME)
     if not isinstance(raw, dict):
         raise AdapterError(f"{config_path}: must be a JSON object")
@@ -178,18 +207,44 @@ def load_adapter(path: str | Path, weight: float = 1.0) -> Adapter:
     raw["peft_type"] = "LORA"
     config = _load_lora_config(path, raw)
     _refuse_unsupported(path, config)
+    _check_values(path, config)
 
-    weights_file, legacy = path / WEIGHTS_NAME, None
+    weights_file, legacy = safe_member(path, WEIGHTS_NAME, str(path)), None
     if not weights_file.is_file():
         if not (path / LEGACY_WEIGHTS_NAME).is_file():
             raise AdapterError(f"{path}: {WEIGHTS_NAME} not found; the adapter folder is incomplete")
         from .io.legacy import convert_bin_to_safetensors
 
-        legacy = path / LEGACY_WEIGHTS_NAME
+        legacy = safe_member(path, LEGACY_WEIGHTS_NAME, str(path))
         weights_file = convert_bin_to_safetensors(legacy)
     header = read_header(weights_file)
     return Adapter(path=path, weight=weight, config=config, config_dict=raw, weights_file=weights_file,
                    header=header, legacy_file=legacy)
+
+
+def check_finite(adapter: Adapter, block_bytes: int = 16 << 20) -> None:
+    """Refuse NaN/Inf in any adapter tensor (a diverged training run): merged, they would poison
+    every weight they touch. Reads the adapter's data in bounded blocks."""
+    import torch
+
+    with open(adapter.weights_file, "rb") as fh:
+        for name, info in adapter.header.tensors.items():
+            if info.dtype not in FLOAT_DTYPES or info.nbytes == 0:
+                continue
+            itemsize = info.nbytes // info.numel
+            step = max(itemsize, block_bytes - block_bytes % itemsize)
+            bad = 0
+            for offset in range(info.start, info.end, step):
+                buf = bytearray(min(step, info.end - offset))
+                pread_exact(fh.fileno(), memoryview(buf), offset, str(adapter.weights_file))
+                values = torch.frombuffer(buf, dtype=getattr(torch, TORCH_NAME[info.dtype]))
+                if not bool(torch.isfinite(values.abs().amax())):  # fast test first (amax propagates NaN)
+                    bad += int((~torch.isfinite(values)).sum())
+            if bad:
+                raise AdapterError(
+                    f"{adapter.weights_file}: tensor {name!r} holds {bad} NaN/Inf value(s); the adapter is corrupt "
+                    "(diverged training?): re-train or re-export it, or pass --allow-nonfinite to merge it anyway"
+                )
 
 
 def module_of_key(key: str) -> tuple[str, str] | None:

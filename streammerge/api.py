@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .adapters import Adapter, load_adapter
+from .adapters import Adapter, check_finite, load_adapter
 from .errors import OptionError, OutputError, StreamMergeWarning
 from .io.hub import adapter_folder, open_base
 from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
@@ -157,6 +157,10 @@ def merge(
         check_push_id(push_to_hub)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
+    from .execute import Executor, resolve_device  # after the checks: a bad input is refused without torch
+    if not opts.allow_nonfinite:
+        for adapter in loaded:
+            check_finite(adapter)  # adapters are small: read them once before anything is written
     device = resolve_device(opts.device)
     out = Path(out)
     prepare_output(out, overwrite=overwrite, protected=[checkpoint.root, *(a.path for a in loaded)])

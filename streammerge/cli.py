@@ -41,6 +41,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--low-disk", action="store_true",
                    help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf values instead of refusing them")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="build a small model + adapter, merge it, check it against PEFT")
     p_demo.add_argument("--keep", metavar="DIR", default=None, help="keep the demo files in DIR")
-    p_demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p_demo.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
 
 
@@ -77,6 +78,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions.create(
         method=args.method, dtype=args.dtype, max_shard_size=args.max_shard_size,
         max_memory=args.max_memory, device=args.device, max_chunk_rows=args.max_chunk_rows,
+        allow_nonfinite=args.allow_nonfinite,
     )
 
 
@@ -133,6 +135,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private, push_revision=args.revision,
             method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
             max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+            allow_nonfinite=options.allow_nonfinite,
         )
     if not args.quiet and result.plan.options.method == "lora":
         print(f"wrote the adapter ({len(result.plan.tensors)} tensors) -> {result.out} in {result.seconds:.1f} s")
@@ -182,15 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"plan": _cmd_plan, "merge": _cmd_merge, "demo": _cmd_demo}[args.command]
     try:
         return handler(args)
-    except StreamMergeError as exc:
-        if getattr(args, "debug", False):
+    except BaseException as exc:  # the boundary: one `error:` line, never a traceback (unless --debug)
+        if getattr(args, "debug", False) or isinstance(exc, SystemExit):
             raise
-        message = " ".join(str(exc).split())
+        message, code = _error_line(exc)
         print(f"error: {message}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory; lower --max-memory", file=sys.stderr)
-        return 1
+        return code
+
+
+def _error_line(exc: BaseException) -> tuple[str, int]:
+    """Our errors keep their own message; anything else (a library's OSError, ValueError...) is
+    reported as unexpected, with the way to see where it came from."""
+    if isinstance(exc, StreamMergeError):
+        return " ".join(str(exc).split()), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, MemoryError):
+        return "out of memory; lower --max-memory", 1
+    detail = " ".join(str(exc).split())
+    detail = f": {detail[:300]}" if detail else ""
+    return f"unexpected {type(exc).__name__}{detail}; re-run with --debug to see the traceback", 1

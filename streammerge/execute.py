@@ -77,7 +77,8 @@ def plan_layout(plan: MergePlan) -> Layout:
     merges = [t for t in plan.tensors if t.op in MATH_OPS]
     tile = max([ops.TILE_ELEMENTS] + [_rows_and_width(t.shape)[1] for t in merges]) if merges else 0
     factors = max((_factor_bytes(t) for t in merges), default=0)
-    widest = max((_row_bytes(t) for t in plan.tensors), default=1)
+    widest_tensor = max(plan.tensors, key=_row_bytes, default=None)
+    widest = _row_bytes(widest_tensor) if widest_tensor is not None else 1
     largest = max((_rows_and_width(t.shape)[0] * _row_bytes(t) for t in plan.tensors), default=1)
     fixed = 8 * tile + factors
     buffer_bytes = (plan.options.max_memory - fixed) // (READ_BUFFERS + WRITE_BUFFERS)
@@ -85,7 +86,7 @@ def plan_layout(plan: MergePlan) -> Layout:
         need = fixed + (READ_BUFFERS + WRITE_BUFFERS) * widest
         raise PlanError(
             f"--max-memory {format_size(plan.options.max_memory)} is too small: one row of the widest tensor "
-            f"needs {format_size(widest)} in each of {READ_BUFFERS + WRITE_BUFFERS} buffers; "
+            f"({widest_tensor.name}) needs {format_size(widest)} in each of {READ_BUFFERS + WRITE_BUFFERS} buffers; "
             f"use at least --max-memory {math.ceil(need / 1e6)}MB"
         )
     return Layout(min(buffer_bytes, max(largest, 1)), tile, factors)
@@ -215,6 +216,31 @@ class InputFiles(Protocol):
 
     def end(self) -> None:
         """The run is over (finished or failed)."""
+
+
+def _refuse_nonfinite(chunk: Chunk, base: torch.Tensor, out: torch.Tensor) -> None:
+    """NaN/Inf made by the merge (or by a cast that overflows) is an error naming the tensor,
+    before the chunk is written; a cast keeps the non-finite values the base already had."""
+    tensor = chunk.tensor
+    index = ops.first_nonfinite(out, where_finite=base if tensor.op == "cast" else None)
+    if index is None:
+        return
+    row, col = divmod(index, max(1, out.shape[1]))
+    value, base_value = out.reshape(-1)[index].item(), base.reshape(-1)[index].item()
+    if tensor.op == "cast":
+        why = f"casting {base_value:g} to {tensor.dtype} overflows"
+    elif not math.isfinite(base_value):
+        why = f"the base weight itself holds {base_value} there"
+    else:
+        why = (
+            f"the base holds {base_value:g} there and base + delta is {value} in {tensor.dtype}: "
+            "an adapter holds extreme values, or the output dtype is too narrow"
+        )
+    raise ExecutionError(
+        f"{tensor.source.file}: tensor {tensor.name!r}: the {'cast' if tensor.op == 'cast' else 'merged'} result has "
+        f"NaN/Inf at row {chunk.row_start + row}, column {col} ({why}); the output is left incomplete: fix the inputs, "
+        "or pass --allow-nonfinite to write such values"
+    )
 
 
 class Executor:
@@ -366,6 +392,8 @@ class Executor:
             out.copy_(terms.compute(base.to(self.device), chunk.row_start, out_dtype, tiles))
         else:
             terms.compute(base, chunk.row_start, out_dtype, tiles, out=out)
+        if not self.plan.options.allow_nonfinite:
+            _refuse_nonfinite(chunk, base, out)
         return out_len
 
     def run(self) -> RunStats:

@@ -217,3 +217,23 @@ def accumulate_columns(base_rows: torch.Tensor, terms: list, row_start: int, nor
 
 def count_nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum().item()) if t.is_floating_point() else 0
+
+
+def first_nonfinite(t: torch.Tensor, where_finite: torch.Tensor | None = None, block: int = TILE_ELEMENTS) -> int | None:
+    """Flat index of the first NaN/Inf of `t` (counting only places where `where_finite` is finite,
+    when given), or None. Scans in blocks, so the temporary mask stays small whatever `t`'s size."""
+    if not t.is_floating_point():
+        return None
+    flat = t.reshape(-1)
+    ref = where_finite.reshape(-1) if where_finite is not None else None
+    for i in range(0, flat.numel(), block):
+        part = flat[i : i + block]
+        if bool(torch.isfinite(part.abs().amax())):  # amax propagates NaN; ~10x faster than isfinite().all()
+            continue
+        bad = ~torch.isfinite(part)
+        if ref is not None:
+            bad &= torch.isfinite(ref[i : i + block])
+        hits = bad.nonzero()
+        if hits.numel():
+            return i + int(hits[0, 0])
+    return None

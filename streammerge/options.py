@@ -89,6 +89,7 @@ class MergeOptions:
     max_memory: int = 2 * 10**9
     device: str = "auto"
     max_chunk_rows: int | None = None
+    allow_nonfinite: bool = False  # write NaN/Inf from adapters or the merge instead of refusing
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -101,6 +102,7 @@ class MergeOptions:
         max_memory: str | int = "2GB",
         device: str = "auto",
         max_chunk_rows: int | None = None,
+        allow_nonfinite: bool = False,
     ) -> "MergeOptions":
         if method not in METHODS:
             raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
@@ -117,6 +119,7 @@ class MergeOptions:
             max_memory=parse_size(max_memory, "--max-memory"),
             device=parse_device(device),
             max_chunk_rows=max_chunk_rows,
+            allow_nonfinite=bool(allow_nonfinite),
         )
 
     def to_dict(self) -> dict[str, Any]:

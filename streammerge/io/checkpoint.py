@@ -51,19 +51,35 @@ def safe_member(root: Path, relname: object, what: str) -> Path:
     of the same repository (`snapshots/<rev>/file -> ../../blobs/<sha>`).
     """
     if not isinstance(relname, str) or not relname or "\x00" in relname:
-        raise InputError(f"{what}: bad file name {relname!r}")
+        raise InputError(f"{what}: bad file name {relname!r}; fix the index or re-download the checkpoint")
     rel = Path(relname)
     if rel.is_absolute() or ".." in rel.parts or relname.startswith(("/", "\\")):
-        raise InputError(f"{what}: file name {relname!r} points outside {root}; refusing to read it")
+        raise InputError(
+            f"{what}: file name {relname!r} points outside {root}; refusing to read it "
+            "(re-download the checkpoint from a source you trust)"
+        )
     path = root / rel
-    real_root = root.resolve()
-    real = path.resolve()
+    try:
+        real_root = root.resolve()
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops, names too long
+        raise InputError(f"{what}: cannot resolve {relname!r} ({exc}); fix the folder or re-download it") from None
     allowed = [real_root]
     if real_root.parent.name == "snapshots":
         allowed.append(real_root.parent.parent / "blobs")
     if not any(real == base or base in real.parents for base in allowed):
-        raise InputError(f"{what}: {relname!r} is a link to {real}, outside {root}; refusing to read it")
+        raise InputError(
+            f"{what}: {relname!r} is a link to {real}, outside {root}; refusing to read it "
+            "(copy the file into the folder if you trust it)"
+        )
     return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False
 
 
 class Checkpoint:
@@ -90,8 +106,8 @@ class Checkpoint:
             name = entry.name
             if name.startswith(".") or name in NOT_COPIED or name == "config.json" or name.endswith(WEIGHT_SUFFIXES):
                 continue
-            if entry.is_file():
-                out.append(entry)
+            if _is_file(entry):
+                out.append(safe_member(self.root, name, str(self.root)))  # never copy a link to outside
         return out
 
 
@@ -101,12 +117,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InputError(f"base checkpoint not found: {root} (give a folder holding model.safetensors or its shards)")
     if not root.is_dir():
         raise InputError(f"base checkpoint {root} is not a folder; give the folder that holds model.safetensors")
-    config_path = root / "config.json"
+    config_path = safe_member(root, "config.json", str(root))
     config = read_json(config_path, "config.json") if config_path.exists() else None
     if config is not None and not isinstance(config, dict):
         raise InputError(f"{config_path}: config.json must be a JSON object")
 
-    index_path = root / INDEX_FILE
+    index_path = safe_member(root, INDEX_FILE, str(root))
     if index_path.exists():
         files = _open_sharded(root, index_path)
     elif (root / SINGLE_FILE).exists():
@@ -120,7 +136,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InputError(f"{root} holds no model.safetensors or {INDEX_FILE}{hint}")
     if not any(f.tensors for f in files):
         raise InputError(f"{root}: the checkpoint holds no tensors")
-    return Checkpoint(root, files, config)
+    checkpoint = Checkpoint(root, files, config)
+    checkpoint.other_files()  # refuses links to outside the folder before any work starts
+    return checkpoint
 
 
 # Reads one shard's header: (path inside the checkpoint, file name as the index lists it) -> header.
@@ -129,7 +147,7 @@ ShardHeaderReader = Callable[[Path, str], SafetensorsFile]
 
 def _read_local_shard(index_path: Path) -> ShardHeaderReader:
     def read(shard_path: Path, fname: str) -> SafetensorsFile:
-        if not shard_path.is_file():
+        if not _is_file(shard_path):
             raise InputError(f"{index_path} lists {fname} but it is missing; download the complete checkpoint")
         return read_header(shard_path)
 
@@ -146,7 +164,7 @@ def _open_sharded(root: Path, index_path: Path, read_shard: ShardHeaderReader | 
     shard_names: list[str] = []
     for tensor, fname in weight_map.items():
         if not isinstance(fname, str):
-            raise InputError(f"{index_path}: weight_map entry for {tensor!r} is not a file name")
+            raise InputError(f"{index_path}: weight_map entry for {tensor!r} is not a file name; re-download the index file")
         if fname not in shard_names:
             shard_names.append(fname)
     files: list[SafetensorsFile] = []
@@ -156,18 +174,18 @@ def _open_sharded(root: Path, index_path: Path, read_shard: ShardHeaderReader | 
         header = read_shard(shard_path, fname)
         for name in header.tensors:
             if name in seen:
-                raise InputError(f"tensor {name!r} is stored in both {seen[name]} and {fname}; the checkpoint is inconsistent")
+                raise InputError(f"tensor {name!r} is stored in both {seen[name]} and {fname}; the checkpoint is inconsistent, re-download it")
             seen[name] = fname
             listed = weight_map.get(name)
             if listed is None:
-                raise InputError(f"{fname} holds tensor {name!r} which {INDEX_FILE} does not list; the index is stale")
+                raise InputError(f"{fname} holds tensor {name!r} which {INDEX_FILE} does not list; the index is stale, re-download it")
             if listed != fname:
-                raise InputError(f"{INDEX_FILE} says {name!r} is in {listed} but it is in {fname}; the index is stale")
+                raise InputError(f"{INDEX_FILE} says {name!r} is in {listed} but it is in {fname}; the index is stale, re-download it")
         files.append(header)
     missing = [name for name in weight_map if name not in seen]
     if missing:
         raise InputError(
             f"{INDEX_FILE} lists {len(missing)} tensor(s) not found in their shards (e.g. {missing[0]!r}); "
-            "the download is incomplete"
+            "the download is incomplete, re-download it"
         )
     return files

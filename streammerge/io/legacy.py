@@ -30,29 +30,39 @@ def _cleanup() -> None:
 atexit.register(_cleanup)
 
 
-def load_weights_only(path: Path) -> dict:
-    """The state dict of a legacy .bin file, unpickled with weights_only=True (tensors memory-mapped)."""
-    import pickle
+def read_legacy_bin(path: str | Path) -> dict:
+    """Tensors of a legacy `adapter_model.bin`, read only with torch's restricted unpickler.
+
+    `weights_only=True` builds tensors and plain containers and nothing else, so a pickle that would
+    run code is refused, never executed; any failure becomes an AdapterError naming the file.
+    """
+    import warnings
 
     import torch
 
+    path = Path(path)
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) format
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedError(
-            f"{path}: torch.load(weights_only=True) refuses this file ({first}); it holds pickled objects other "
-            "than tensors, which streammerge never unpickles. Re-save the adapter with safetensors"
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: our answer is the error
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) format
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, OSError, ... from a hostile or broken file
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = ([line for line in lines if not line.startswith(boilerplate)] or lines or [type(exc).__name__])[0]
+        raise AdapterError(
+            f"{path}: refused by torch.load(weights_only=True) ({detail[:200]}); it is corrupt or holds more "
+            "than tensors: re-save the adapter with safetensors from a source you trust"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise AdapterError(f"{path}: cannot read this adapter_model.bin ({exc}); it is damaged or not a PyTorch file") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UnsupportedError(f"{path}: expected a flat dict of tensor names to tensors; refusing this file")
+        raise AdapterError(
+            f"{path}: expected a mapping of tensor names to tensors, found {type(state).__name__}; "
+            "re-save the adapter with safetensors"
+        )
     return state
 
 
@@ -60,7 +70,7 @@ def convert_bin_to_safetensors(path: Path) -> Path:
     """Write the .bin's tensors to `<tmp>/adapter_model.safetensors` (save_file layout) and return that path."""
     import torch
 
-    state = load_weights_only(path)
+    state = read_legacy_bin(path)
     specs = []
     for name, t in state.items():
         dtype = FROM_TORCH_NAME.get(str(t.dtype).removeprefix("torch."))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,25 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _as_dim(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"bad dimension {value!r}")
+    if value > _INT64_MAX:
+        raise ValueError(f"absurd dimension {value} (beyond 64-bit)")
     return value
+
+
+def _check_extent(dims: tuple[int, ...], itemsize: int) -> None:
+    """Shapes whose element count overflows 64 bits are refused even when a zero dimension makes
+    them empty: torch and every reader index them with int64."""
+    extent = itemsize
+    for d in dims:
+        extent *= d or 1
+        if extent > _INT64_MAX:
+            raise ValueError(f"absurd shape {list(dims)}: its size overflows 64 bits")
 
 
 def parse_header(path: Path, header: bytes, file_size: int) -> SafetensorsFile:
@@ -124,20 +140,25 @@ def parse_header(path: Path, header: bytes, file_size: int) -> SafetensorsFile:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} entry must have exactly dtype, shape, data_offsets")
         dtype = entry["dtype"]
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise bad(f"tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offsets = entry["shape"], entry["data_offsets"]
         try:
             if not isinstance(shape, list):
                 raise ValueError("shape is not a list")
             dims = tuple(_as_dim(d) for d in shape)
+            _check_extent(dims, ITEMSIZE[dtype])
             if not isinstance(offsets, list) or len(offsets) != 2:
                 raise ValueError("data_offsets must be [begin, end]")
             begin, end = (_as_dim(o) for o in offsets)
         except ValueError as exc:
             raise bad(f"tensor {name!r}: {exc}") from None
+        if end < begin:
+            raise bad(f"tensor {name!r}: data_offsets [{begin}, {end}] are out of order (end before begin)")
         nbytes = math.prod(dims) * ITEMSIZE[dtype]
-        if end < begin or end - begin != nbytes:
+        if nbytes > file_size:
+            raise bad(f"tensor {name!r}: shape {list(dims)} x {dtype} is {nbytes} bytes, more than the whole {file_size}-byte file")
+        if end - begin != nbytes:
             raise bad(f"tensor {name!r}: shape {list(dims)} x {dtype} is {nbytes} bytes but its span is {end - begin}")
         if end > buffer_len:
             raise bad(f"tensor {name!r} ends at byte {end} past the end of the data ({buffer_len}); the file is truncated")
@@ -159,6 +180,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
     """Read and validate the header of one safetensors file without touching its data."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a regular file; give the safetensors file itself")
         with open(path, "rb") as fh:
             file_size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
@@ -166,7 +189,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
                 raise InputError(f"{path}: not a valid safetensors file (only {file_size} bytes); re-download it")
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES:
-                raise InputError(f"{path}: not a valid safetensors file (header length {length} exceeds 100 MB)")
+                raise InputError(
+                    f"{path}: not a valid safetensors file (header length {length} exceeds 100 MB); re-download or re-save it"
+                )
             if 8 + length > file_size:
                 raise InputError(
                     f"{path}: not a valid safetensors file (header length {length} runs past the end of the "
@@ -174,7 +199,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
                 )
             header = fh.read(length)
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}; check that the file exists and is readable") from None
     return parse_header(path, header, file_size)
 
 
