@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "plan", "__version__"]
+__all__ = ["merge", "plan", "verify", "__version__"]
 
 
 def merge(*args, **kwargs):
@@ -22,3 +22,10 @@ def plan(*args, **kwargs):
     from .api import plan as _plan
 
     return _plan(*args, **kwargs)
+
+
+def verify(*args, **kwargs):
+    """Check a merged folder against base + adapters in bounded memory; see `streammerge.api.verify`."""
+    from .api import verify as _verify
+
+    return _verify(*args, **kwargs)

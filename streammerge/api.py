@@ -1,4 +1,4 @@
-"""The Python API: plan and merge, wiring sources -> plan -> execute -> output folder."""
+"""The Python API: plan, merge and verify, wiring sources -> plan -> execute -> output folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .adapters import Adapter, load_adapter
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .io.checkpoint import open_checkpoint
 from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
 from .options import AdapterSpec, MergeOptions
@@ -44,14 +44,18 @@ def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterS
     return specs
 
 
-def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
+def _load(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
     checkpoint = open_checkpoint(base)
     loaded = [load_adapter(spec.path, spec.weight) for spec in _adapter_specs(adapters)]
     if not loaded:
         from .errors import AdapterError
 
         raise AdapterError("give at least one adapter")
-    plan = build_plan(checkpoint, loaded, options)
+    return checkpoint, loaded, build_plan(checkpoint, loaded, options)
+
+
+def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
+    checkpoint, loaded, plan = _load(base, adapters, options)
     from .execute import plan_layout
 
     plan_layout(plan)  # refuses a budget too small for one row of the widest tensor
@@ -103,6 +107,36 @@ def merge(
     shards = [{"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards]
     atomic_write_json(out / RECORD_FILE, _record(the_plan, loaded, shards, copied, device))
     return MergeResult(out, the_plan, time.perf_counter() - started, peak_rss_bytes(), shards)
+
+
+def verify(
+    out: str | Path,
+    base: str | Path,
+    adapters: AdapterArg | Sequence[AdapterArg],
+    *,
+    probes: int = 4,
+    seed: int = 0,
+    check_record: bool = True,
+    quiet: bool = True,
+    **options: Any,
+):
+    """Check that `out` holds what merging `adapters` into `base` with `options` makes (see
+    `streammerge.verify`); returns a `VerifyReport` (`.ok`, `.faults`, `.table_lines()`, `.to_dict()`).
+    Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
+    from .execute import resolve_device
+    from .verifier import Verifier
+
+    opts = MergeOptions.create(**options)
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
+    checkpoint, loaded, the_plan = _load(base, adapters, opts)
+    device = resolve_device(opts.device)
+    verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
+                        check_record=check_record, progress=not quiet)
+    report = verifier.run()
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
 
 
 def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device) -> dict[str, Any]:
