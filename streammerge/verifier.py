@@ -31,7 +31,8 @@ against it in one streaming pass over its shards (row chunks read with `pread`, 
   method and dtype) against the ones given. A different --max-shard-size is reported as a note.
 
 Memory: one host buffer holds the out rows, the base rows and a cast scratch for a chunk; add the
-float64 work tiles and the largest tensor's LoRA factors in float64. The sum is `--max-memory`.
+float64 work tiles, the largest tensor's LoRA factors in float64 and 1/16 of the budget kept for
+small temporaries. The sum is `--max-memory` (`verify_layout`; it refuses a budget below one row).
 
 Extending: each plan op has a `TensorCheck` in `CHECKS` (copy, cast, merge). A 4-bit output or a
 new LoRA variant adds its op (or term kind) and a check that states its own tolerance (for 4-bit:
@@ -536,7 +537,7 @@ class LinearLoraCheck(TensorCheck):
         """Least-squares coefficients c with q ≈ Σ cₜ·dₜ, and the residual Σ(q − Σcₜdₜ)²."""
         if float(self.gram.diagonal().min()) <= 0:
             return None, math.inf
-        coef = torch.linalg.solve(self.gram, self.qd)
+        coef = torch.linalg.pinv(self.gram) @ self.qd  # pinv: two adapters may carry the same delta
         resid = self.sum_q2 - float(coef @ self.qd)
         return [float(c) for c in coef], max(resid, 0.0)
 
@@ -571,6 +572,7 @@ class OutputFiles:
     files: list[SafetensorsFile]
     faults: list[Fault]
     notes: list[str]
+    lost: dict[str, str] = field(default_factory=dict)  # tensor -> the missing or unreadable shard the index puts it in
 
 
 def open_output(out: Path) -> OutputFiles:
@@ -594,15 +596,18 @@ def open_output(out: Path) -> OutputFiles:
         return OutputFiles([], [Fault("unreadable", str(out), f"no {SINGLE_FILE} or {INDEX_FILE} in {out}")], notes)
     files: list[SafetensorsFile] = []
     where: dict[str, str] = {}
+    lost: dict[str, str] = {}
     for fname in names:
         try:
             path = safe_member(out, fname, str(index_path))
             if not path.is_file():
                 faults.append(Fault("shard missing", fname, f"{fname} is listed in {INDEX_FILE} but missing"))
+                lost.update({t: f"{fname} is missing" for t, f in (weight_map or {}).items() if f == fname})
                 continue
             header = read_header(path)
         except InputError as exc:
             faults.append(Fault("unreadable", fname, str(exc)))
+            lost.update({t: f"{fname} is unreadable" for t, f in (weight_map or {}).items() if f == fname})
             continue
         for name in header.tensors:
             if name in where:
@@ -614,7 +619,7 @@ def open_output(out: Path) -> OutputFiles:
     stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in names)
     if stray:
         notes.append(f"files not part of the checkpoint (not checked): {', '.join(stray[:5])}")
-    return OutputFiles(files, faults, notes)
+    return OutputFiles(files, faults, notes, lost)
 
 
 def load_record(out: Path) -> tuple[dict[str, Any] | None, Fault | None]:
@@ -761,7 +766,7 @@ class Verifier:
         for f in output.files:
             for name, info in f.tensors.items():
                 found.setdefault(name, (f, info))
-        checkable = self._check_structure(found)
+        checkable = self._check_structure(found, output.lost)
 
         buffer = bytearray(self.layout.chunk_bytes)
         results, hashes = self._stream(output.files, found, checkable, wanted_sha, buffer)
@@ -795,7 +800,7 @@ class Verifier:
             self.notes.append(f"no {RECORD_FILE} in the folder: shard checksums and recorded inputs were not checked")
         return record
 
-    def _check_structure(self, found: dict[str, tuple[SafetensorsFile, TensorInfo]]) -> set[str]:
+    def _check_structure(self, found: dict[str, tuple[SafetensorsFile, TensorInfo]], lost: dict[str, str]) -> set[str]:
         """Missing, unexpected and misshapen tensors; returns the names whose values can be checked."""
         row = self.checks["structure"]
         checkable: set[str] = set()
@@ -803,7 +808,8 @@ class Verifier:
             row["checked"] += 1
             info = found[name][1] if name in found else None
             if info is None:
-                self.faults.append(Fault("missing tensor", name, "missing tensor: planned but not in the folder"))
+                why = f"its shard {lost[name]}" if name in lost else "planned but not in the folder"
+                self.faults.append(Fault("missing tensor", name, f"missing tensor: {why}"))
             elif tuple(info.shape) != tuple(tensor.shape) or info.dtype != tensor.dtype:
                 self.faults.append(Fault(
                     "shape/dtype differs", name,

@@ -387,3 +387,24 @@ def test_delta_below_rounding_is_reported_not_failed(bf16, tmp_path):
     merged = [r for r in report.tensors if r.op == "merge"]
     assert merged and not any(r.resolvable for r in merged)
     assert any("below the output dtype's rounding" in n for n in report.notes)
+
+
+def test_missing_and_unreadable_shards(two_adapters, tmp_path):
+    """A sharded folder with one shard deleted and another with a broken header: each shard is named,
+    and so is every tensor that went with it."""
+    base, _, _, adapters, out = two_adapters
+    bad = copy_folder(out, tmp_path / "bad", keep_record=True)
+    gone, broken = shard_files(bad)[1], shard_files(bad)[2]
+    lost = set(safetensors_header(gone)) | set(safetensors_header(broken))
+    lost.discard("__metadata__")
+    gone.unlink()
+    with open(broken, "r+b") as fh:
+        fh.seek(9)
+        fh.write(b"X")  # first byte of the JSON header after '{'
+    report = verify(bad, base, adapters, max_shard_size="40KB")
+    kinds = faults_of(report)
+    assert ("shard missing", gone.name) in kinds and ("unreadable", broken.name) in kinds
+    assert ("checksum mismatch", broken.name) in kinds
+    assert {s for k, s in kinds if k == "missing tensor"} == lost
+    assert all(("is missing" in f.message or "is unreadable" in f.message) for f in report.faults if f.kind == "missing tensor")
+    assert report.checks["merge"]["failed"] == report.checks["copy"]["failed"] == 0
