@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "plan", "save_merged", "__version__"]
+__all__ = ["merge", "plan", "verify", "save_merged", "__version__"]
 
 
 def merge(*args, **kwargs):
@@ -29,3 +29,10 @@ def save_merged(*args, **kwargs):
     from .live import save_merged as _save_merged
 
     return _save_merged(*args, **kwargs)
+
+
+def verify(*args, **kwargs):
+    """Check a merged folder against base + adapters in bounded memory; see `streammerge.api.verify`."""
+    from .api import verify as _verify
+
+    return _verify(*args, **kwargs)

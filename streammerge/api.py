@@ -1,4 +1,4 @@
-"""The Python API: plan and merge, wiring sources -> plan -> execute -> output folder."""
+"""The Python API: plan, merge and verify, wiring sources -> plan -> execute -> output folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .adapters import Adapter, check_finite, load_adapter
-from .errors import OptionError, OutputError, StreamMergeWarning
+from .errors import InputError, OptionError, OutputError, StreamMergeWarning
 from .io.hub import adapter_folder, open_base
 from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
 from .options import AdapterSpec, MergeOptions
@@ -47,9 +47,8 @@ def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterS
     return specs
 
 
-def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
-    """Open, resolve and plan; the returned plan is what `options.method` writes (the merged model,
-    or with --method lora the adapter itself, after checking that it applies to the base)."""
+def _load(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
+    """Open the inputs and plan the merged model (what `merge` writes and `verify` checks against)."""
     checkpoint = open_base(base)  # a local folder, or a Hub repo planned from ranged header reads
     loaded = [load_adapter(adapter_folder(spec.path), spec.weight) for spec in _adapter_specs(adapters)]
     if not loaded:
@@ -58,7 +57,13 @@ def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, li
         raise AdapterError("give at least one adapter")
     if options.method == "lora":
         _check_lora_method(loaded)
-    plan = build_plan(checkpoint, loaded, options)
+    return checkpoint, loaded, build_plan(checkpoint, loaded, options)
+
+
+def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
+    """Open, resolve and plan; the returned plan is what `options.method` writes (the merged model,
+    or with --method lora the adapter itself, after checking that it applies to the base)."""
+    checkpoint, loaded, plan = _load(base, adapters, options)
     warning = no_op_warning(plan)
     if warning:
         plan = dataclasses.replace(plan, notes=(*plan.notes, warning))
@@ -216,6 +221,36 @@ def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:
         ))
         copied.append("README.md")
     return copied
+
+
+def verify(
+    out: str | Path,
+    base: str | Path,
+    adapters: AdapterArg | Sequence[AdapterArg],
+    *,
+    probes: int = 4,
+    seed: int = 0,
+    check_record: bool = True,
+    quiet: bool = True,
+    **options: Any,
+):
+    """Check that `out` holds what merging `adapters` into `base` with `options` makes (see
+    `streammerge.verify`); returns a `VerifyReport` (`.ok`, `.faults`, `.table_lines()`, `.to_dict()`).
+    Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
+    from .execute import resolve_device
+    from .verifier import Verifier
+
+    opts = MergeOptions.create(**options)
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
+    checkpoint, loaded, the_plan = _load(base, adapters, opts)
+    device = resolve_device(opts.device)
+    verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
+                        check_record=check_record, progress=not quiet)
+    report = verifier.run()
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
 
 
 def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device, checkpoint=None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ EPILOG = """examples:
   streammerge merge ./llama-8b ./my-lora --out ./merged
   streammerge merge ./base ./lora-a ./lora-b@0.5 --out ./merged --dtype bfloat16 --max-memory 4GB
   streammerge merge meta-llama/Llama-3.1-8B me/my-lora --out ./merged --low-disk --push-to-hub me/merged
+  streammerge verify ./merged --base ./base --adapter ./lora-a --adapter ./lora-b@0.5 --dtype bfloat16
   streammerge demo
 """
 
@@ -33,6 +34,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="base checkpoint folder (model.safetensors or shards + index) or Hub repo org/name[@revision]")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA adapter folder or Hub repo; append @WEIGHT to scale it, e.g. ./lora@0.5")
+    _add_common_options(p)
+
+
+def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="merged_16bit", choices=METHODS, help="what to write (default: merged_16bit)")
     p.add_argument("--dtype", default=None, help=f"output dtype: {'|'.join(DTYPES)} (default: the base's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
@@ -67,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="upload the result to this Hub repo (created if needed)")
     p_merge.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
     p_merge.add_argument("--revision", metavar="BRANCH", default=None, help="with --push-to-hub: the branch to push to (default: main)")
+
+    p_verify = sub.add_parser(
+        "verify", help="check that OUT is what BASE + ADAPTERs make (the merge line with 'verify'), in bounded memory"
+    )
+    p_verify.add_argument("out", metavar="OUT", help="the merged folder to check")
+    p_verify.add_argument("--base", required=True, help="base checkpoint folder the merge started from")
+    p_verify.add_argument("--adapter", dest="adapters", action="append", required=True, metavar="ADAPTER",
+                          help="LoRA adapter folder (repeat for several; @WEIGHT as in merge)")
+    _add_common_options(p_verify)
+    p_verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_verify.add_argument("--probes", type=int, default=4, help="random probe vectors per merged tensor (default: 4)")
+    p_verify.add_argument("--seed", type=int, default=0, help="seed of the probe vectors (default: 0)")
+    p_verify.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p_demo = sub.add_parser("demo", help="build a small model + adapter, merge it, check it against PEFT")
     p_demo.add_argument("--keep", metavar="DIR", default=None, help="keep the demo files in DIR")
@@ -169,6 +187,27 @@ def _show_our_warnings() -> None:
     warnings.showwarning = show
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    options = _options(args)
+    from .errors import InputError, OptionError
+
+    if args.probes < 1:
+        raise OptionError("--probes must be at least 1")
+    if not os.path.isdir(args.out):  # answer before importing torch
+        raise InputError(f"verify: {args.out} is not a folder; give the output folder of a merge")
+    _quiet_libraries()
+    from .api import verify
+
+    report = verify(
+        args.out, args.base, args.adapters, probes=args.probes, seed=args.seed,
+        quiet=args.quiet or args.json or not sys.stderr.isatty(),
+        method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+        max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+    )
+    print(report.to_json() if args.json else "\n".join(report.table_lines()))
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from .demo import run_demo
@@ -182,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"plan": _cmd_plan, "merge": _cmd_merge, "demo": _cmd_demo}[args.command]
+    handler = {"plan": _cmd_plan, "merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
     try:
         return handler(args)
     except BaseException as exc:  # the boundary: one `error:` line, never a traceback (unless --debug)

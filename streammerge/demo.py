@@ -1,7 +1,8 @@
 """`streammerge demo`: build a small Llama-shaped model and LoRA adapter, merge them, check the result.
 
 Everything happens in a temporary folder with no network: the base and adapter are made with
-transformers + peft, merged by streaming, and checked against PEFT's own `merge_and_unload`.
+transformers + peft, merged by streaming, checked against PEFT's own `merge_and_unload`, and
+finally checked by `streammerge verify` (what a user runs on a folder without a PEFT reference).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def run_demo(keep: str | None = None) -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from .api import merge
+    from .api import merge, verify
     from .options import format_size
 
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="streammerge-demo-"))
@@ -75,7 +76,11 @@ def run_demo(keep: str | None = None) -> int:
             logits = loaded(ids).logits
         diff = (logits - expected_logits).abs().max().item()
         _say(f"check 2: transformers loads the merged folder; max |logit difference| vs PEFT = {diff:.2e}")
-        ok = equal / total >= 0.9999 and diff < 1e-3
+        report = verify(out_dir, base_dir, [str(adapter_dir)], max_memory="64MB", max_shard_size="4MB")
+        _say("check 3: streammerge verify " + f"{out_dir} --base {base_dir} --adapter {adapter_dir} --max-memory 64MB --max-shard-size 4MB")
+        for line in report.table_lines()[len(report.adapters) + 3:]:
+            _say("  " + line)
+        ok = equal / total >= 0.9999 and diff < 1e-3 and report.ok
         _say("demo " + ("passed" if ok else "FAILED") + (f"; files kept in {work}" if keep else ""))
         return 0 if ok else 1
     finally:
