@@ -28,6 +28,7 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     shards: list[dict[str, Any]]
+    gguf: Any = None  # the GGUFPlan, for --method gguf
 
 
 def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterSpec]:
@@ -58,9 +59,15 @@ def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, li
     return checkpoint, loaded, plan
 
 
-def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **options: Any) -> MergePlan:
-    """Plan a merge from headers alone: nothing is read beyond headers, nothing is written."""
-    return _prepare(base, adapters, MergeOptions.create(**options))[2]
+def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **options: Any) -> Any:
+    """Plan a merge from headers alone: nothing is read beyond headers, nothing is written.
+    With method="gguf" the result is the GGUFPlan (its `.merge_plan` is the tensor-level plan)."""
+    opts = MergeOptions.create(**options)
+    if opts.method == "gguf":
+        from .gguf.api import plan_gguf
+
+        return plan_gguf(base, adapters, opts)[3]
+    return _prepare(base, adapters, opts)[2]
 
 
 def peak_rss_bytes() -> int:
@@ -80,6 +87,10 @@ def merge(
     from .execute import Executor, resolve_device
 
     opts = MergeOptions.create(**options)
+    if opts.method == "gguf":
+        from .gguf.api import merge_gguf
+
+        return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
     device = resolve_device(opts.device)

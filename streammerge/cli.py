@@ -20,6 +20,7 @@ EPILOG = """examples:
   streammerge plan  ./llama-8b ./my-lora
   streammerge merge ./llama-8b ./my-lora --out ./merged
   streammerge merge ./base ./lora-a ./lora-b@0.5 --out ./merged --dtype bfloat16 --max-memory 4GB
+  streammerge merge ./llama-8b ./my-lora --out ./gguf --method gguf --gguf-type q8_0
   streammerge demo
 """
 
@@ -37,6 +38,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
+    p.add_argument("--gguf-type", default=None, help="with --method gguf: bf16|f16|q8_0|q4_0 (default: bf16)")
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -71,6 +73,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions.create(
         method=args.method, dtype=args.dtype, max_shard_size=args.max_shard_size,
         max_memory=args.max_memory, device=args.device, max_chunk_rows=args.max_chunk_rows,
+        gguf_type=args.gguf_type,
     )
 
 
@@ -89,6 +92,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import _prepare
     from .planner import summary_lines
 
+    if options.method == "gguf":
+        from .gguf.api import print_gguf_plan
+
+        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json)
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     if args.json:
         print(plan.to_json())
@@ -110,8 +117,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+        **({"gguf_type": options.gguf_type} if options.gguf_type else {}),
     )
-    if not args.quiet:
+    if not args.quiet and options.method == "gguf":
+        from .gguf.api import result_line
+
+        print(result_line(result))
+    elif not args.quiet:
         counts = result.plan.counts()
         print(
             f"merged {counts.get('merge', 0)} tensors, copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
