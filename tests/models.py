@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "qwen3", "gemma3")
+ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "qwen3", "gemma2", "gemma3")
 
 # special-token ids shared by every tiny model and its tokenizer
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -35,6 +35,7 @@ DEFAULT_TARGETS = {
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -46,6 +47,7 @@ DEFAULT_TARGETS = {
 
 def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, Any]):
     from transformers import (
+        Gemma2Config,
         Gemma3TextConfig,
         GPT2Config,
         LlamaConfig,
@@ -82,16 +84,17 @@ def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, An
             "qwen2": Qwen2Config,
             "phi3": Phi3Config,
             "qwen3": Qwen3Config,
+            "gemma2": Gemma2Config,
             "gemma3": Gemma3TextConfig,
         }[arch]
         if arch == "phi3":
             kw["original_max_position_embeddings"] = 64
         if arch == "qwen3":
             kw["head_dim"] = 8
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             kw["head_dim"] = 16
-        # qwen2: biases on q/k/v (built in) and tied embeddings by default; gemma3 is always tied
-        default_tie = arch in ("qwen2", "gemma3")
+        # qwen2: biases on q/k/v (built in) and tied embeddings by default; gemma is always tied
+        default_tie = arch in ("qwen2", "gemma2", "gemma3")
         tie = default_tie if tie_word_embeddings is None else tie_word_embeddings
     kw["tie_word_embeddings"] = tie
     kw.update(overrides)
