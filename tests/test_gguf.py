@@ -36,7 +36,7 @@ from streammerge.gguf import arch as gguf_arch
 from streammerge.gguf import vocab as gguf_vocab
 
 CASES = {  # arch -> (tokenizer kind, config overrides)
-    "llama": ("bpe-llama3", {"tie_word_embeddings": False}),
+    "llama": ("bpe-llama3", {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}),
     "qwen2": ("bpe-qwen2", {}),  # tied embeddings, q/k/v biases
     "qwen3": ("bpe-qwen2", {"head_dim": 128}),  # q/k norms; transformers' GGUF config assumes head_dim 128
     "gemma3": ("spm", {}),  # SentencePiece, norms stored +1, tied
@@ -318,6 +318,22 @@ def _break(monkeypatch, model_type: str, **changes) -> None:
 def test_breaking_an_arch_rule_is_caught(cases, arch, model_type, broken, monkeypatch, tmp_path):
     case = cases[arch]
     _break(monkeypatch, model_type, **broken)
+    files = gguf_merge(case, tmp_path / "out", "bf16")
+    with pytest.raises(AssertionError):
+        check_with_transformers(case, files, "bf16")
+
+
+def test_breaking_a_metadata_rule_is_caught(cases, monkeypatch, tmp_path):
+    """Without the RoPE base key a reader falls back to its default (10000, not this model's 50000)."""
+    from streammerge.gguf import plan as gguf_plan
+
+    def without_rope_base(*args):
+        keys = gguf_arch.metadata(*args)
+        keys.pop("add_rope_freq_base")
+        return keys
+
+    monkeypatch.setattr(gguf_plan, "metadata", without_rope_base)
+    case = cases["llama"]
     files = gguf_merge(case, tmp_path / "out", "bf16")
     with pytest.raises(AssertionError):
         check_with_transformers(case, files, "bf16")

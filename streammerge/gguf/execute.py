@@ -70,20 +70,22 @@ class GGUFExecutor:
         self.progress = progress
         self.gguf = require()
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self._cancelled = threading.Event()
         self._error: BaseException | None = None
         # Read buffers alive at once: the chunk being computed and the one being read ahead.
         self._slots = threading.Semaphore(READS_IN_FLIGHT)
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise ExecutionError(f"cannot open {path}: {exc.strerror or exc}") from None
-            self._fds[path] = fd
-        return fd
+        with self._fd_lock:  # the reader (base files) and the compute thread (adapter files) both open
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise ExecutionError(f"cannot open {path}: {exc.strerror or exc}") from None
+                self._fds[path] = fd
+            return fd
 
     # -- reader thread: positioned reads of each chunk's source rows, one chunk ahead
 
