@@ -117,7 +117,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-        **({"gguf_type": options.gguf_type} if options.gguf_type else {}),
+        gguf_type=options.gguf_type,
     )
     if not args.quiet and options.method == "gguf":
         from .gguf.api import result_line
