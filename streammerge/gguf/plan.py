@@ -258,6 +258,8 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
 
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
+    total_params, shared, expert, experts = writer.get_total_parameter_count()
+    writer.add_size_label(gguf.size_label(total_params, shared, expert, experts))  # e.g. "8.0B", as llama.cpp
     headers = _render_headers(gguf, writer)
     groups = [list(group) for group in writer.tensors]
     stem = f"{name}-{file_tag(gguf_type)}"
