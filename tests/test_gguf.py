@@ -437,12 +437,12 @@ def test_missing_tokenizer_is_a_clear_error(cases, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_gguf_package_is_a_clear_error(monkeypatch):
-    from streammerge.gguf import require
-
-    monkeypatch.setitem(sys.modules, "gguf", None)
+def test_missing_gguf_package_is_a_clear_error(cases, monkeypatch, tmp_path):
+    case = cases["llama"]
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: `import gguf` raises ImportError
     with pytest.raises(UnsupportedError, match=r"pip install 'streammerge\[gguf\]'"):
-        require()
+        streammerge.merge(str(case.base), [str(case.adapter)], str(tmp_path / "out"), method="gguf", device="cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_shows_gguf_tensor_names_and_types(cases, capsys):

@@ -23,8 +23,10 @@ def plan_gguf(base, adapters, options: MergeOptions):
     from ..api import _adapter_specs
     from ..io.checkpoint import open_checkpoint
     from ..planner import build_plan
+    from . import require
     from .arch import arch_of
 
+    require()  # before any work: the gguf package is needed to write anything
     checkpoint = open_checkpoint(base)
     arch_of(checkpoint.config)
     loaded = [load_adapter(spec.path, spec.weight) for spec in _adapter_specs(adapters)]
