@@ -19,7 +19,6 @@ import hashlib
 import json
 import re
 import shutil
-import struct
 import sys
 from pathlib import Path
 
