@@ -31,6 +31,7 @@ class MergeResult:
     peak_rss_bytes: int
     shards: list[dict[str, Any]]
     pushed: str | None = None  # commit URL when --push-to-hub was given
+    gguf: Any = None  # the GGUFPlan, for --method gguf
 
 
 def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterSpec]:
@@ -124,9 +125,15 @@ def no_op_warning(plan: MergePlan) -> str | None:
     )
 
 
-def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **options: Any) -> MergePlan:
-    """Plan a merge from headers (and the small lora_B tensors, for the no-op check); nothing is written."""
-    return _prepare(base, adapters, MergeOptions.create(**options))[2]
+def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **options: Any) -> Any:
+    """Plan a merge from headers alone: nothing is read beyond headers, nothing is written.
+    With method="gguf" the result is the GGUFPlan (its `.merge_plan` is the tensor-level plan)."""
+    opts = MergeOptions.create(**options)
+    if opts.method == "gguf":
+        from .gguf.api import plan_gguf
+
+        return plan_gguf(base, adapters, opts)[3]
+    return _prepare(base, adapters, opts)[2]
 
 
 def peak_rss_bytes() -> int:
@@ -160,6 +167,12 @@ def merge(
         from .io.hub import check_push_id
 
         check_push_id(push_to_hub)
+    if opts.method == "gguf":
+        if low_disk or push_to_hub:
+            raise OptionError("--low-disk and --push-to-hub are not supported with --method gguf yet")
+        from .gguf.api import merge_gguf
+
+        return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
     from .execute import Executor, resolve_device  # after the checks: a bad input is refused without torch

@@ -22,6 +22,7 @@ EPILOG = """examples:
   streammerge merge ./base ./lora-a ./lora-b@0.5 --out ./merged --dtype bfloat16 --max-memory 4GB
   streammerge merge meta-llama/Llama-3.1-8B me/my-lora --out ./merged --low-disk --push-to-hub me/merged
   streammerge verify ./merged --base ./base --adapter ./lora-a --adapter ./lora-b@0.5 --dtype bfloat16
+  streammerge merge ./llama-8b ./my-lora --out ./gguf --method gguf --gguf-type q8_0
   streammerge demo
 """
 
@@ -43,6 +44,7 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
+    p.add_argument("--gguf-type", default=None, help="with --method gguf: bf16|f16|q8_0|q4_0 (default: bf16)")
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--low-disk", action="store_true",
                    help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")
@@ -97,6 +99,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         method=args.method, dtype=args.dtype, max_shard_size=args.max_shard_size,
         max_memory=args.max_memory, device=args.device, max_chunk_rows=args.max_chunk_rows,
         allow_nonfinite=args.allow_nonfinite,
+        gguf_type=args.gguf_type,
     )
 
 
@@ -116,6 +119,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import _prepare
     from .planner import summary_lines
 
+    if options.method == "gguf":
+        from .gguf.api import print_gguf_plan
+
+        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json)
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     for note in plan.notes:
         if note.startswith("WARNING"):
@@ -153,9 +160,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private, push_revision=args.revision,
             method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
             max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-            allow_nonfinite=options.allow_nonfinite,
+            allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
         )
-    if not args.quiet and result.plan.options.method == "lora":
+    if not args.quiet and options.method == "gguf":
+        from .gguf.api import result_line
+
+        print(result_line(result))
+    elif not args.quiet and result.plan.options.method == "lora":
         print(f"wrote the adapter ({len(result.plan.tensors)} tensors) -> {result.out} in {result.seconds:.1f} s")
     elif not args.quiet:
         counts = result.plan.counts()

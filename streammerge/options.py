@@ -12,7 +12,7 @@ from typing import Any
 from .errors import OptionError
 
 METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
-SUPPORTED_METHODS = ("merged_16bit", "lora")
+SUPPORTED_METHODS = ("merged_16bit", "lora", "gguf")
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -103,6 +103,7 @@ class MergeOptions:
         device: str = "auto",
         max_chunk_rows: int | None = None,
         allow_nonfinite: bool = False,
+        gguf_type: str | None = None,
     ) -> "MergeOptions":
         if method not in METHODS:
             raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
@@ -112,6 +113,15 @@ class MergeOptions:
             )
         if max_chunk_rows is not None and max_chunk_rows < 1:
             raise OptionError("max_chunk_rows must be at least 1")
+        extra: dict[str, Any] = {}
+        if method == "gguf":
+            from .gguf.types import parse_gguf_type
+
+            if dtype is not None:
+                raise OptionError("--dtype does not apply to --method gguf; choose the tensor type with --gguf-type")
+            extra["gguf_type"] = parse_gguf_type(gguf_type)
+        elif gguf_type is not None:
+            raise OptionError("--gguf-type applies only to --method gguf")
         return cls(
             method=method,
             dtype=parse_dtype(dtype),
@@ -120,7 +130,12 @@ class MergeOptions:
             device=parse_device(device),
             max_chunk_rows=max_chunk_rows,
             allow_nonfinite=bool(allow_nonfinite),
+            extra=extra,
         )
+
+    @property
+    def gguf_type(self) -> str | None:
+        return self.extra.get("gguf_type")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gpt_oss", "qwen3_moe")
+ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gpt_oss", "qwen3_moe", "qwen3", "gemma2", "gemma3")
 
 # special-token ids shared by every tiny model and its tokenizer
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -34,6 +34,9 @@ DEFAULT_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -50,6 +53,8 @@ EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, Any]):
     from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
         GPT2Config,
         GptOssConfig,
         LlamaConfig,
@@ -57,6 +62,7 @@ def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, An
         Phi3Config,
         Qwen2Config,
         Qwen3MoeConfig,
+        Qwen3Config,
     )
 
     common = dict(
@@ -95,11 +101,18 @@ def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, An
             "mistral": MistralConfig,
             "qwen2": Qwen2Config,
             "phi3": Phi3Config,
+            "qwen3": Qwen3Config,
+            "gemma2": Gemma2Config,
+            "gemma3": Gemma3TextConfig,
         }[arch]
         if arch == "phi3":
             kw["original_max_position_embeddings"] = 64
-        # qwen2: biases on q/k/v (built in) and tied embeddings by default
-        default_tie = arch == "qwen2"
+        if arch == "qwen3":
+            kw["head_dim"] = 8
+        if arch in ("gemma2", "gemma3"):
+            kw["head_dim"] = 16
+        # qwen2: biases on q/k/v (built in) and tied embeddings by default; gemma is always tied
+        default_tie = arch in ("qwen2", "gemma2", "gemma3")
         tie = default_tie if tie_word_embeddings is None else tie_word_embeddings
     kw["tie_word_embeddings"] = tie
     kw.update(overrides)
@@ -147,6 +160,106 @@ def build_tokenizer(path: Path, vocab_size: int):
     return fast
 
 
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
+    "Streaming merges write every tensor once, in row chunks, without loading the model.",
+    "A tokenizer splits text into pieces; byte pairs that appear together are merged first.",
+    "Numbers like 2024, 3.14 and 1000000 are split into digits by some pre-tokenizers.",
+    "Hello, world! How are you today? I'm fine, thanks. We'll see what they've done.",
+    "Llamas and alpacas graze on the high plains; the weather there changes quickly.",
+    "Quantization stores blocks of thirty-two weights with one scale per block.",
+    "The merged model loads in llama.cpp, Ollama and transformers alike.",
+] * 4
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_trained_tokenizer(path: Path, kind: str, vocab_size: int) -> dict[str, int]:
+    """Train a small real tokenizer on CORPUS and save it at ``path``; returns its special-token ids.
+
+    "bpe-llama3" / "bpe-qwen2": byte-level BPE with that family's split regex and special tokens
+    (Llama 3 adds BOS through its post-processor); "spm": a SentencePiece BPE tokenizer.model with
+    byte fallback and Gemma's special pieces (pad 0, eos 1, bos 2, unk 3), plus tokenizer_config.json.
+    """
+    if kind == "spm":
+        return _build_spm_tokenizer(path, vocab_size)
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    llama = kind == "bpe-llama3"
+    if kind not in ("bpe-llama3", "bpe-qwen2"):
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"] if llama
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tk = Tokenizer(models.BPE(ignore_merges=llama))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if llama else _QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.add_special_tokens(specials)
+    ids = {t: tk.token_to_id(t) for t in specials}
+    if llama:
+        bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])]
+        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos)
+        special = dict(bos_token_id=ids[bos], eos_token_id=ids[eos], pad_token_id=ids[eos])
+    else:
+        eot = "<|endoftext|>"
+        fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token=eot)
+        special = dict(bos_token_id=ids[eot], eos_token_id=ids["<|im_end|>"], pad_token_id=ids[eot])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return special
+
+
+def _build_spm_tokenizer(path: Path, vocab_size: int) -> dict[str, int]:
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", split_digits=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
+    config = {
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "GemmaTokenizer",
+        "added_tokens_decoder": {
+            str(i): {"content": c, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+                     "single_word": False}
+            for i, c in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])
+        },
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
 def build_base(
     path,
     arch: str,
@@ -155,15 +268,26 @@ def build_base(
     max_shard_size=None,
     tie_word_embeddings: bool | None = None,
     seed: int = 0,
+    tokenizer: str = "wordlevel",
     **config_overrides,
 ) -> Path:
-    """Build a tiny random ``arch`` model at ``path`` (weights, config, tokenizer, generation config)."""
+    """Build a tiny random ``arch`` model at ``path`` (weights, config, tokenizer, generation config).
+
+    ``tokenizer``: "wordlevel" (default, w4..wN), or a real trained one for GGUF tests:
+    "bpe-llama3" / "bpe-qwen2" (byte-level BPE with that family's split regex) or "spm" (a
+    SentencePiece BPE model, Gemma style); the config's special-token ids follow the tokenizer.
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; one of {ARCHS}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    special = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    if tokenizer != "wordlevel":
+        config_overrides.setdefault("vocab_size", 320)
+        special = build_trained_tokenizer(path, tokenizer, config_overrides["vocab_size"])
+        config_overrides = {**special, **config_overrides}
     config = _config(arch, tie_word_embeddings, config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -174,14 +298,13 @@ def build_base(
     model.config.dtype = dtype
     model.eval()
     # a distinctive generation config (so "copied" is checkable)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=7, do_sample=False
-    )
+    model.generation_config = GenerationConfig(**special, max_new_tokens=7, do_sample=False)
     kw = {}
     if max_shard_size is not None:
         kw["max_shard_size"] = max_shard_size
     model.save_pretrained(str(path), **kw)
-    build_tokenizer(path, config.vocab_size)
+    if tokenizer == "wordlevel":
+        build_tokenizer(path, config.vocab_size)
     assert (path / "generation_config.json").exists()
     return path
 

@@ -45,7 +45,7 @@ def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None
 
 def looks_like_model_folder(path: Path) -> bool:
     names = {p.name for p in path.iterdir()}
-    return any(m in names for m in _MODEL_MARKERS) or any(n.endswith((".safetensors", ".partial")) for n in names)
+    return any(m in names for m in _MODEL_MARKERS) or any(n.endswith((".safetensors", ".gguf", ".partial")) for n in names)
 
 
 def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()) -> None:
