@@ -93,10 +93,12 @@ def merge(
         )
 
     copied = copy_other_files(checkpoint.other_files(), out)
-    config = merged_config(checkpoint.config, opts.dtype)
+    config = merged_config(checkpoint.config, opts.dtype, the_plan.quantization_config)
     if config is not None:
         atomic_write_json(out / "config.json", config)
-    stats = Executor(the_plan, out, device=device, progress=not quiet).run()
+    executor = Executor(the_plan, out, device=device, progress=not quiet)
+    stats = executor.run()
+    the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)
 
     if len(the_plan.shards) > 1:
         write_index(out, the_plan.total_size, {t.name: s.filename for s in the_plan.shards for t in s.tensors})

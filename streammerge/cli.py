@@ -38,6 +38,15 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
+    q = p.add_argument_group("4-bit (bitsandbytes)")
+    q.add_argument("--quant-type", default=None, help="merged_4bit: nf4|fp4 (default: the base's, else nf4)")
+    q.add_argument("--blocksize", default=None, help="4-bit block size (default: the base's, else 64)")
+    q.add_argument("--double-quant", dest="double_quant", action="store_true", default=None,
+                   help="4-bit: quantize the block statistics too (default: the base's, else on)")
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    q.add_argument("--base-roundtrip", default=None, metavar="nf4|fp4",
+                   help="merge onto dequantize(quantize(W)) of each targeted 16-bit base weight, i.e. the weights "
+                        "a QLoRA adapter was trained against")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -71,6 +80,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions.create(
         method=args.method, dtype=args.dtype, max_shard_size=args.max_shard_size,
         max_memory=args.max_memory, device=args.device, max_chunk_rows=args.max_chunk_rows,
+        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+        base_roundtrip=args.base_roundtrip,
     )
 
 
@@ -110,11 +121,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+        quant_type=options.quant_type, blocksize=options.blocksize, double_quant=options.double_quant,
+        base_roundtrip=options.base_roundtrip,
     )
     if not args.quiet:
         counts = result.plan.counts()
+        merged = sum(1 for t in result.plan.tensors if t.loras)
         print(
-            f"merged {counts.get('merge', 0)} tensors, copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
+            f"merged {merged} tensors, copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
             f"{result.out} ({format_size(result.plan.total_size)} in {len(result.shards)} shard(s)) "
             f"in {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}"
         )
