@@ -189,7 +189,7 @@ def _fix_malloc_threshold() -> None:
     """glibc raises its mmap threshold after large frees, after which freed buffers stay resident;
     a fixed threshold keeps big allocations in mmap so that freeing them returns the memory."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 

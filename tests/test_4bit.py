@@ -216,6 +216,7 @@ M4_CASES = {
     "fp4-from-bf16": ("bf16", dict(quant_type="fp4", double_quant=False), ("fp4", 64, False)),
     "fp4dq-from-fp4dq": ("fp4", {}, ("fp4", 64, True)),
     "nf4-bs128-from-nf4": ("nf4", dict(blocksize=128), ("nf4", 128, False)),
+    "nf4dq-from-int8": ("int8", {}, ("nf4", 64, True)),
 }
 
 
@@ -231,7 +232,8 @@ def expected_4bit(case_name, bf16_case, qbase) -> dict[str, torch.Tensor]:
     stored = load_safetensors_dir(base)
     weights = load_safetensors_dir(bf16_case.base_path) if kind == "bf16" else bnb_dequantized(base)
     quantized = {n for n in weights if n.endswith("_proj.weight")}
-    want = {n: t for n, t in stored.items() if n not in quantized and not n.startswith(tuple(q + "." for q in quantized))}
+    companions = tuple(q + "." for q in quantized) + tuple(q.removesuffix("weight") + s for q in quantized for s in ("SCB", "weight_format"))
+    want = {n: t for n, t in stored.items() if n not in quantized and not n.startswith(companions)}
     same_format = kind != "bf16" and BASES[kind].get("bnb_4bit_quant_type") == qt and (
         BASES[kind].get("bnb_4bit_use_double_quant") == dq) and bs == 64
     for name in quantized:
@@ -465,3 +467,69 @@ def test_corrupt_quant_state_is_an_input_error(bf16_case, qbase, tmp_path):
 
     with pytest.raises(InputError, match=f"{PROBE}: packed weight holds"):
         streammerge.plan(bad, [bf16_case.adapter_path])
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_merged_4bit_peak_rss_is_runtime_plus_budget(tmp_path):
+    """4-bit base -> merged_4bit (two passes, statistics, quantizer temporaries) stays within
+    runtime + --max-memory on a model several times the budget (runtime: the same merge of a tiny model)."""
+    from peft import LoraConfig, get_peft_model
+    from test_memory import peak_rss_of
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    budget = 16 * 10**6
+
+    def case(root: Path, hidden, inter, layers, vocab) -> int:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=8,
+                          num_key_value_heads=4, vocab_size=vocab, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(root / "bf16")
+        lora = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "down_proj"])
+        get_peft_model(model.float(), lora).save_pretrained(root / "lora")
+        q = LlamaForCausalLM.from_pretrained(root / "bf16", device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+        q.save_pretrained(root / "q4")
+        return (root / "q4" / "model.safetensors").stat().st_size
+
+    big_bytes = case(tmp_path / "big", 512, 1024, 2, 16000)
+    case(tmp_path / "tiny", 64, 128, 1, 128)
+    assert big_bytes >= 2 * budget
+    args = ("--method", "merged_4bit", "--max-memory", str(budget), "--device", "cpu", "--quiet")
+    runtime = peak_rss_of("merge", str(tmp_path / "tiny/q4"), str(tmp_path / "tiny/lora"), "--out", str(tmp_path / "o1"), *args)
+    peak = peak_rss_of("merge", str(tmp_path / "big/q4"), str(tmp_path / "big/lora"), "--out", str(tmp_path / "o2"), *args)
+    print(f"4-bit model {big_bytes / 1e6:.0f} MB, budget {budget / 1e6:.0f} MB, runtime {runtime / 1e6:.0f} MB, "
+          f"peak {peak / 1e6:.0f} MB, over runtime {(peak - runtime) / 1e6:.1f} MB")
+    assert peak <= runtime + budget
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "bf16"])
+def test_merged_4bit_sharded(kind, bf16_case, qbase, merged, tmp_path):
+    """Small shards split a weight's tensors across files: every shard is still exactly save_file's
+    bytes for its tensors, the index lists them all with the real total size (exact JSON lengths)."""
+    from safetensors.torch import load_file, save_file
+
+    case_name = "nf4dq-from-nf4dq" if kind == "nf4-dq" else "nf4dq-from-bf16"
+    base = _m4_base(case_name, bf16_case, qbase)
+    out = merged(base, bf16_case.adapter_path, method="merged_4bit", max_shard_size="7KB", max_chunk_rows=19)
+    files = shard_files(out)
+    assert len(files) > 5
+    want = expected_4bit(case_name, bf16_case, qbase)
+    ours = load_safetensors_dir(out)
+    assert sorted(ours) == sorted(want)
+    for name in want:
+        assert_bits_equal(ours[name], want[name], name)
+    where = {n: f.name for f in files for n in load_file(str(f))}
+    weights = [n for n in want if n.endswith("_proj.weight")]
+    split = [w for w in weights if len({where[n] for n in want if n == w or n.startswith(w + ".")}) > 1]
+    assert split, "fixture error: no weight has its tensors in two shards"
+    for f in files:
+        save_file(load_file(str(f)), str(tmp_path / f.name), metadata={"format": "pt"})
+        assert f.read_bytes() == (tmp_path / f.name).read_bytes(), f.name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    assert sorted(index["weight_map"]) == sorted(want)
+    record = json.loads((out / "streammerge.json").read_text())
+    assert [s["size"] for s in record["shards"]] == [f.stat().st_size for f in files]
