@@ -35,20 +35,35 @@ import json, resource, subprocess, sys, time
 t = time.perf_counter()
 res = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(json.dumps({"rc": res.returncode, "seconds": time.perf_counter() - t, "stderr": res.stderr[-3000:],
+                  "stdout": res.stdout[-3000:],
                   "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
 PEFT_MERGE = """
-import sys, torch
+import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 base, lora, out, mode, device = sys.argv[1:6]
+t = [time.perf_counter()]
 model = AutoModelForCausalLM.from_pretrained(base, device_map=device)
 if mode == "16bit":
     model.dequantize()
     model = model.to(torch.bfloat16)
+t.append(time.perf_counter())
 model = PeftModel.from_pretrained(model, lora).merge_and_unload()
-model.save_pretrained(out)
+t.append(time.perf_counter())
+how = "save_pretrained"
+try:
+    model.save_pretrained(out)
+except NotImplementedError:  # transformers 5.24 cannot save a 4-bit model after PEFT's merge
+    from safetensors.torch import save_file
+    import os
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    how = "save_file(state_dict()) (save_pretrained raises NotImplementedError)"
+t.append(time.perf_counter())
+print(json.dumps({"load_s": t[1] - t[0], "merge_s": t[2] - t[1], "save_s": t[3] - t[2], "save": how}))
 """
 
 
@@ -164,6 +179,7 @@ def main() -> None:
     def peft(mode: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         rep = measured([sys.executable, "-c", PEFT_MERGE, str(base), str(lora), str(out), mode, args.device])
+        rep.update(json.loads(rep["stdout"].strip().splitlines()[-1]))
         rep["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         return rep
 
@@ -174,8 +190,8 @@ def main() -> None:
         runs["PEFT 4-bit -> merged_16bit (dequantize + merge)"] = peft("16bit")
     shutil.rmtree(out, ignore_errors=True)
     for rep in runs.values():
-        rep.pop("stderr", None)
-        rep.pop("rc", None)
+        for k in ("stderr", "stdout", "rc"):
+            rep.pop(k, None)
         rep["Mparams_s"] = n_params / rep["seconds"] / 1e6
 
     result = {
@@ -198,8 +214,12 @@ def main() -> None:
         "| run | seconds | M params/s | peak RSS | output |", "|---|---:|---:|---:|---:|",
     ]
     for name, rep in runs.items():
-        lines.append(f"| {name} | {rep['seconds']:.1f} | {rep['Mparams_s']:.1f} | {rep['peak_rss'] / 1e6:.0f} MB | "
+        phases = f" (load {rep['load_s']:.1f} s, merge {rep['merge_s']:.1f} s, save {rep['save_s']:.1f} s)" if "merge_s" in rep else ""
+        lines.append(f"| {name}{phases} | {rep['seconds']:.1f} | {rep['Mparams_s']:.1f} | {rep['peak_rss'] / 1e6:.0f} MB | "
                      f"{rep['output_bytes'] / 1e6:.0f} MB |")
+    saves = {rep["save"] for rep in runs.values() if "save" in rep and rep["save"] != "save_pretrained"}
+    if saves:
+        lines += ["", "PEFT 4-bit output written with " + ", ".join(sorted(saves)) + "."]
     q = result["bitsandbytes_quantize"]
     lines += [
         "", f"bitsandbytes on one {q['tensor'][0]}x{q['tensor'][1]} float32 weight ({q['device']}): "

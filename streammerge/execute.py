@@ -475,14 +475,15 @@ class Executor:
             torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).copy_(packed)
             return out_len
         width = _rows_and_width(tensor.weight_shape)[1]
-        base = self._weight_rows(chunk, buf, length, st)
         out_dtype = torch_dtype(tensor.dtype)
         out_len = chunk.rows * width * ITEMSIZE[tensor.dtype]
         out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).view(out_dtype).reshape(chunk.rows, width)
-        on_device = self.device.type != "cpu"
-        if tensor.op == "cast":
-            out.copy_(base)
-        elif on_device:
+        if tensor.op == "cast":  # a dtype change needs no device
+            base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(tensor.source.dtype))
+            out.copy_(base.reshape(chunk.rows, width))
+            return out_len
+        base = self._weight_rows(chunk, buf, length, st)
+        if self.device.type != "cpu":
             out.copy_(ops.merge_rows(base, st.terms, chunk.row_start, out_dtype, tiles=tiles))
         else:
             ops.merge_rows(base, st.terms, chunk.row_start, out_dtype, tiles=tiles, out=out)

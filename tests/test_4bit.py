@@ -205,6 +205,10 @@ def test_quantized_base_plan_groups_weights(bf16_case, qbase):
         "absmax", "bitsandbytes__nf4", "nested_absmax", "nested_quant_map", "quant_map"]
     assert not any(".absmax" in n or "quant_state" in n for n in ops)
     assert MergePlan.from_dict(json.loads(plan.to_json())) == plan
+    plan4 = streammerge.plan(bf16_case.base_path, [bf16_case.adapter_path], method="merged_4bit", base_roundtrip="fp4")
+    probe = next(t for t in plan4.tensors if t.name == PROBE)
+    assert probe.op == "quant" and probe.quant_out.part == "weight" and probe.roundtrip.quant_type == "fp4"
+    assert MergePlan.from_dict(json.loads(plan4.to_json())) == plan4
 
 
 # --------------------------------------------------------------------------- merged_4bit

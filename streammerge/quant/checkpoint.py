@@ -79,9 +79,13 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes 4-bit and 8-bit weight of `checkpoint`, keyed by weight name."""
     tensors = checkpoint.tensors
     found: dict[str, QuantizedWeight] = {}
+    beside: dict[str, list[str]] = {}  # "<m>.weight" -> the "<m>.weight.*" tensors
+    for k in tensors:
+        i = k.rfind(".weight.")
+        if i >= 0:
+            beside.setdefault(k[: i + len(".weight")], []).append(k)
     for name in bnb4.bnb4_weight_names(tensors):
-        prefix = name + "."
-        related = [name] + [k for k in tensors if k.startswith(prefix)]
+        related = [name] + beside.get(name, [])
         try:
             fmt = bnb4.parse_bnb4(name, _view(tensors, related))
         except ValueError as exc:
