@@ -194,15 +194,17 @@ def merge(
         copied = _write_adapter_files(loaded[0], out)
     else:
         copied = copy_other_files(checkpoint.other_files(), out)
-        config = merged_config(checkpoint.config, opts.dtype)
+        config = merged_config(checkpoint.config, opts.dtype, the_plan.quantization_config)
         if config is not None:
             if the_plan.untied:
                 from .model_info import untied_config
 
                 config = untied_config(config)
             atomic_write_json(out / "config.json", config)
-    stats = Executor(the_plan, out, device=device, progress=not quiet, inputs=hub.inputs,
-                     on_shard_done=hub.on_shard_done).run()
+    executor = Executor(the_plan, out, device=device, progress=not quiet, inputs=hub.inputs,
+                        on_shard_done=hub.on_shard_done)
+    stats = executor.run()
+    the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)
     hub.shards_done()
 
     if len(the_plan.shards) > 1:

@@ -49,6 +49,15 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-disk", action="store_true",
                    help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf values instead of refusing them")
+    q = p.add_argument_group("4-bit (bitsandbytes)")
+    q.add_argument("--quant-type", default=None, help="merged_4bit: nf4|fp4 (default: the base's, else nf4)")
+    q.add_argument("--blocksize", default=None, help="4-bit block size (default: the base's, else 64)")
+    q.add_argument("--double-quant", dest="double_quant", action="store_true", default=None,
+                   help="4-bit: quantize the block statistics too (default: the base's, else on)")
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    q.add_argument("--base-roundtrip", default=None, metavar="nf4|fp4",
+                   help="merge onto dequantize(quantize(W)) of each targeted 16-bit base weight, i.e. the weights "
+                        "a QLoRA adapter was trained against")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
@@ -100,6 +109,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         max_memory=args.max_memory, device=args.device, max_chunk_rows=args.max_chunk_rows,
         allow_nonfinite=args.allow_nonfinite,
         gguf_type=args.gguf_type,
+        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+        base_roundtrip=args.base_roundtrip,
     )
 
 
@@ -161,6 +172,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
             max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
             allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
+            quant_type=options.quant_type, blocksize=options.blocksize, double_quant=options.double_quant,
+            base_roundtrip=options.base_roundtrip,
         )
     if not args.quiet and options.method == "gguf":
         from .gguf.api import result_line
@@ -170,9 +183,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"wrote the adapter ({len(result.plan.tensors)} tensors) -> {result.out} in {result.seconds:.1f} s")
     elif not args.quiet:
         counts = result.plan.counts()
+        merged = sum(1 for t in result.plan.tensors if t.loras or t.op == "replace")
         print(
-            f"merged {sum(n for op, n in counts.items() if op not in ('copy', 'cast'))} tensors, "
-            f"copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
+            f"merged {merged} tensors, copied {counts.get('copy', 0) + counts.get('cast', 0)} -> "
             f"{result.out} ({format_size(result.plan.total_size)} in {len(result.shards)} shard(s)) "
             f"in {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}"
         )

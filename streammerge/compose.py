@@ -63,8 +63,11 @@ class Composition:
     untied: list[tuple[str, str]]
 
 
-def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str, str], model_info) -> Composition:
-    shapes = {name: tuple(ref.info.shape) for name, ref in checkpoint.tensors.items()}
+def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str, str], model_info,
+            shapes: dict[str, tuple[int, ...]] | None = None, quantized: set[str] = frozenset()) -> Composition:
+    """`shapes`: the base tensors as the model sees them (a bitsandbytes weight's logical shape, its
+    statistic tensors left out); `quantized`: bitsandbytes weights (mergeable despite their packed dtype)."""
+    shapes = dict(shapes) if shapes is not None else {name: tuple(ref.info.shape) for name, ref in checkpoint.tensors.items()}
     shapes.update({h: shapes[e] for h, e in tied.items()})
     recipes = {name: TensorRecipe(name, ref.file, ref.info, ref.info) for name, ref in checkpoint.tensors.items()}
     virtual = {h: TensorRecipe(h, checkpoint.tensors[e].file, checkpoint.tensors[e].info, checkpoint.tensors[e].info)
@@ -92,7 +95,7 @@ def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str,
         recipes[h] = head
         untied.append((h, e))
     for recipe in recipes.values():
-        _check_combination(recipe, adapters)
+        _check_combination(recipe, adapters, recipe.name in quantized and recipe.replaced_by is None)
     return Composition(recipes, untied)
 
 
@@ -134,11 +137,11 @@ def _share_saved_embedding(head: TensorRecipe, emb: TensorRecipe) -> None:
                 mine.replaced_by = other.replaced_by
 
 
-def _check_combination(recipe: TensorRecipe, adapters: Sequence[Adapter]) -> None:
+def _check_combination(recipe: TensorRecipe, adapters: Sequence[Adapter], quantized: bool = False) -> None:
     changes = [t for t in recipe.terms if t.edit.kind != "replace"]
     kinds = {t.edit.kind for t in changes}
     name = recipe.name
-    if changes and recipe.base.dtype not in FLOAT_DTYPES:
+    if changes and recipe.base.dtype not in FLOAT_DTYPES and not quantized:
         raise PlanError(f"base tensor {name} has dtype {recipe.base.dtype}; only floating-point weights can be merged")
     if recipe.replaced_by is not None and changes and recipe.source.dtype not in FLOAT_DTYPES:
         raise PlanError(f"{name}: the adapter's full tensor has dtype {recipe.source.dtype}; it cannot be merged into")

@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -25,11 +25,14 @@ from . import ops
 from .errors import ExecutionError, OutputError, PlanError
 from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
-from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor
+from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor, Source, resize_shard
+from .quant import stream as qs
 from .terms import TensorMath, factor_bytes, needs_prepass
 
 READ_BUFFERS = 3  # one being read, one queued, one being computed on (or written, for copies)
 WRITE_BUFFERS = 2  # one being filled by the math, one being written
+WORK_BUFFERS = 1  # bitsandbytes chunks: the float32 rows and quantize_4bit's temporaries
+QUANT_ROW_COST = 12  # bytes per element of a bitsandbytes chunk: float32 rows, scaled copy, int32 codes
 
 
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
@@ -50,10 +53,13 @@ class Layout:
     buffer_bytes: int  # each read and write buffer
     tile_elements: int  # float32 elements per tile (two tiles)
     factor_bytes: int  # the largest tensor's LoRA factors, raw and float32
+    quant_bytes: int = 0  # the largest bitsandbytes per-tensor state (see quant.stream.state_bytes)
+    work_buffers: int = 0  # WORK_BUFFERS when the plan has bitsandbytes tensors
 
     @property
     def total(self) -> int:
-        return (READ_BUFFERS + WRITE_BUFFERS) * self.buffer_bytes + 8 * self.tile_elements + self.factor_bytes
+        return ((READ_BUFFERS + WRITE_BUFFERS + self.work_buffers) * self.buffer_bytes + 8 * self.tile_elements
+                + self.factor_bytes + self.quant_bytes)
 
 
 MATH_OPS = ("merge", "bias_add", "token_rows")  # ops computed in float32 from base + terms
@@ -69,27 +75,38 @@ def is_passthrough(tensor: OutputTensor) -> bool:
 
 
 def _row_bytes(tensor: OutputTensor) -> int:
-    width = _rows_and_width(tensor.shape)[1]
+    width = _rows_and_width(tensor.weight_shape)[1]
+    if qs.involves_quant(tensor):
+        return width * QUANT_ROW_COST
     return width * max(ITEMSIZE[tensor.source.dtype], ITEMSIZE[tensor.dtype])
 
 
+def _streamed(plan: MergePlan) -> list[OutputTensor]:
+    """Tensors whose source rows are streamed (a 4-bit output's statistic parts are derived instead)."""
+    return [t for t in plan.tensors if t.quant_out is None or t.quant_out.part == "weight"]
+
+
 def plan_layout(plan: MergePlan) -> Layout:
-    merges = [t for t in plan.tensors if t.op in MATH_OPS]
-    tile = max([ops.TILE_ELEMENTS] + [_rows_and_width(t.shape)[1] for t in merges]) if merges else 0
+    streamed = _streamed(plan)
+    merges = [t for t in streamed if t.op in MATH_OPS or t.loras or qs.involves_quant(t)]
+    tile = max([ops.TILE_ELEMENTS] + [_rows_and_width(t.weight_shape)[1] for t in merges]) if merges else 0
     factors = max((_factor_bytes(t) for t in merges), default=0)
-    widest_tensor = max(plan.tensors, key=_row_bytes, default=None)
-    widest = _row_bytes(widest_tensor) if widest_tensor is not None else 1
-    largest = max((_rows_and_width(t.shape)[0] * _row_bytes(t) for t in plan.tensors), default=1)
-    fixed = 8 * tile + factors
-    buffer_bytes = (plan.options.max_memory - fixed) // (READ_BUFFERS + WRITE_BUFFERS)
+    quant = max((qs.state_bytes(t) for t in streamed), default=0)
+    work = WORK_BUFFERS if any(qs.involves_quant(t) for t in streamed) else 0
+    widest_tensor = max(streamed, key=lambda t: qs.row_alignment(t) * _row_bytes(t), default=None)
+    widest = qs.row_alignment(widest_tensor) * _row_bytes(widest_tensor) if widest_tensor is not None else 1
+    largest = max((_rows_and_width(t.weight_shape)[0] * _row_bytes(t) for t in streamed), default=1)
+    fixed = 8 * tile + factors + quant
+    count = READ_BUFFERS + WRITE_BUFFERS + work
+    buffer_bytes = (plan.options.max_memory - fixed) // count
     if buffer_bytes < widest:
-        need = fixed + (READ_BUFFERS + WRITE_BUFFERS) * widest
+        need = fixed + count * widest
         raise PlanError(
-            f"--max-memory {format_size(plan.options.max_memory)} is too small: one row of the widest tensor "
-            f"({widest_tensor.name}) needs {format_size(widest)} in each of {READ_BUFFERS + WRITE_BUFFERS} buffers; "
+            f"--max-memory {format_size(plan.options.max_memory)} is too small: one row (or 4-bit block row group) "
+            f"of the widest tensor ({widest_tensor.name}) needs {format_size(widest)} in each of {count} buffers; "
             f"use at least --max-memory {math.ceil(need / 1e6)}MB"
         )
-    return Layout(min(buffer_bytes, max(largest, 1)), tile, factors)
+    return Layout(min(buffer_bytes, max(largest, 1)), tile, factors, quant, work)
 
 
 @dataclass(frozen=True)
@@ -99,35 +116,100 @@ class Chunk:
     row_stop: int
     first: bool
     last: bool
-    prepass: bool = False  # a first read of the rows (column-norm DoRA), nothing written
+    # "write" | "prepass" (a first read of the rows for column-norm DoRA, nothing written) |
+    # "stats" (4-bit output statistics) | "roundtrip" (its statistics)
+    purpose: str = "write"
+
+    @property
+    def prepass(self) -> bool:
+        return self.purpose == "prepass"
 
     @property
     def rows(self) -> int:
         return self.row_stop - self.row_start
 
 
-def chunks_of(tensor: OutputTensor, layout: Layout, max_rows: int | None) -> Iterator[Chunk]:
-    rows, width = _rows_and_width(tensor.shape)
+def chunks_of(tensor: OutputTensor, layout: Layout, max_rows: int | None, purpose: str = "write") -> Iterator[Chunk]:
+    """Row chunks that fit one buffer; with bitsandbytes formats, starting on whole 4-bit blocks
+    (so `max_rows` is rounded down to the row alignment, and up to one alignment at least)."""
+    rows, width = _rows_and_width(tensor.weight_shape)
     if rows == 0 or width == 0:
-        yield Chunk(tensor, 0, 0, True, True)  # an empty tensor still completes
+        yield Chunk(tensor, 0, 0, True, True, purpose)  # an empty tensor still completes
         return
     step = max(1, layout.buffer_bytes // _row_bytes(tensor))
     if max_rows is not None:
         step = min(step, max_rows)
-    prepass = needs_prepass(tensor)
-    if prepass:  # column norms need every row before the first row can be written
-        for start in range(0, rows, step):
-            yield Chunk(tensor, start, min(rows, start + step), start == 0, False, prepass=True)
+    align = qs.row_alignment(tensor)
+    step = max(align, step // align * align)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        yield Chunk(tensor, start, stop, start == 0 and not prepass, stop == rows)
+        yield Chunk(tensor, start, stop, start == 0, stop == rows, purpose)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Stream the source rows of `tensor` once, for `purpose` (see Chunk.purpose)."""
+
+    tensor: OutputTensor
+    purpose: str
+
+
+def _passes(tensor: OutputTensor, purpose: str) -> list[Pass]:
+    """A pass for `purpose`, after the passes it depends on: the double-quant round trip's statistics,
+    then (column-norm DoRA) a first read of every row for the column norms."""
+    first = [Pass(tensor, "roundtrip")] if tensor.roundtrip is not None and tensor.roundtrip.double_quant else []
+    if needs_prepass(tensor):
+        first.append(Pass(tensor, "prepass"))
+    return first + [Pass(tensor, purpose)]
+
+
+def schedule(plan: MergePlan) -> Iterator[tuple]:
+    """The work in file order: ("open", shard) / ("pass", Pass) / ("part", tensor) / ("close", shard).
+
+    A 4-bit output writes its statistics next to (often before) its packed bytes, and the
+    double-quant quant-state JSON's length is data dependent; so a weight's statistics pass (the
+    merged rows' block absmax only) runs where they are needed first: before the shard header for
+    a double-quant JSON, before the absmax tensor otherwise. The absmax vector of the last pass is
+    kept for the absmax part that (in safetensors' order) follows its weight; small statistics
+    (JSON, nested absmax) are kept until written.
+    """
+    weights = {t.name: t for t in plan.tensors if t.quant_out is not None and t.quant_out.part == "weight"}
+    known: set[str] = set()
+    last: list[str | None] = [None]
+
+    def stats(weight: str) -> Iterator[tuple]:
+        for p in _passes(weights[weight], "stats"):
+            yield ("pass", p)
+        known.add(weight)
+        last[0] = weight
+
+    for shard in plan.shards:
+        for t in shard.tensors:
+            if t.quant_out is not None and not t.quant_out.exact_size and t.quant_out.weight not in known:
+                yield from stats(t.quant_out.weight)
+        yield ("open", shard)
+        for t in shard.tensors:
+            qo = t.quant_out
+            if qo is None or qo.part == "weight":
+                for p in _passes(t, "write"):
+                    yield ("pass", p)
+                if qo is not None:
+                    known.add(t.name)
+                    last[0] = t.name
+                continue
+            if qo.part == "absmax" and last[0] != qo.weight:
+                yield from stats(qo.weight)
+            elif qo.part in ("nested_absmax", "quant_state") and qo.weight not in known:
+                yield from stats(qo.weight)
+            yield ("part", t)
+        yield ("close", shard)
 
 
 def _fix_malloc_threshold() -> None:
     """glibc raises its mmap threshold after large frees, after which freed buffers stay resident;
     a fixed threshold keeps big allocations in mmap so that freeing them returns the memory."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -140,12 +222,22 @@ class _Stop(Exception):
 
 
 class _Pool:
-    """Buffers allocated once; `take` blocks until one is free, which is what bounds memory."""
+    """Buffers allocated once; `take` blocks until one is free, which is what bounds memory.
 
-    def __init__(self, count: int, size: int, cancelled: threading.Event):
-        self._free: queue.Queue[bytearray] = queue.Queue()
+    With `pinned`, the buffers are page-locked (CUDA host memory), exposed as numpy arrays so that
+    preads and `torch.frombuffer` treat them like bytearrays while copies to the device run async.
+    """
+
+    def __init__(self, count: int, size: int, cancelled: threading.Event, pinned: bool = False):
+        self._free: queue.Queue = queue.Queue()
+        self._keep: list[torch.Tensor] = []
         for _ in range(count):
-            self._free.put(bytearray(size))
+            if pinned:
+                t = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=True)
+                self._keep.append(t)
+                self._free.put(t.numpy())
+            else:
+                self._free.put(bytearray(size))
         self._cancelled = cancelled
 
     def take(self) -> bytearray:
@@ -187,6 +279,24 @@ class RunStats:
     bytes_written: int = 0
     tensors_done: int = 0
     shards: list[ShardResult] = field(default_factory=list)
+
+
+@dataclass
+class _PassState:
+    """What one pass over a tensor's rows needs (built at its first chunk, dropped after its last)."""
+
+    math: TensorMath | None = None  # the LoRA/DoRA/MoE/bias/token terms (None: nothing to add)
+    decoder: qs.Decoder | None = None
+    roundtrip: qs.RoundTrip | None = None
+    quantizer: qs.OutputQuantizer | None = None
+
+
+def _pass_files(tensor: OutputTensor) -> list[str]:
+    """Input files a pass over `tensor` reads: its source, and a bitsandbytes weight's statistics."""
+    files = [tensor.source.file]
+    if tensor.quant_in is not None:
+        files += [c.file for c in tensor.quant_in.companions if c.file not in files]
+    return files
 
 
 def resolve_device(name: str) -> torch.device:
@@ -268,6 +378,21 @@ class Executor:
         self._cancelled = threading.Event()
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
+        # 4-bit outputs: small statistics per weight until written, the last pass's absmax, the
+        # current round trip's statistics, and the shard layouts as resolved at their headers
+        self._small: dict[str, dict[str, torch.Tensor]] = {}
+        self._stash: tuple[str, torch.Tensor] | None = None
+        self._roundtrip: tuple[str, qs.RoundTrip] | None = None
+        self._prepassed: tuple[str, TensorMath] | None = None
+        # files holding a bitsandbytes weight's statistics are read by the compute thread at the start
+        # of a pass, so the reader keeps them until the run ends
+        self._companion_files = {c.file for t in plan.tensors if t.quant_in is not None for c in t.quant_in.companions}
+        self._resolved: dict[str, OutputShard] = {}
+        self._current: dict[str, OutputTensor] = {}
+        self._parts_left: dict[str, int] = {}
+        for t in plan.tensors:
+            if t.quant_out is not None and t.quant_out.part != "weight":
+                self._parts_left[t.quant_out.weight] = self._parts_left.get(t.quant_out.weight, 0) + 1
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -292,27 +417,36 @@ class Executor:
         last_read = {t.source.file: i for i, t in enumerate(self.plan.tensors)}
         index = -1
         try:
-            for shard in self.plan.shards:
-                _put(out_q, ("open", shard), self._cancelled)
-                for tensor in shard.tensors:
-                    index += 1
-                    src = tensor.source
-                    if self.inputs is not None:
-                        self.inputs.acquire(src.file, self._cancelled)
-                        if self._cancelled.is_set():
-                            raise _Stop
-                    row_bytes = _rows_and_width(src.shape)[1] * ITEMSIZE[src.dtype]
-                    for chunk in chunks_of(tensor, self.layout, self.plan.options.max_chunk_rows):
-                        offset, length = src.start + chunk.row_start * row_bytes, chunk.rows * row_bytes
-                        buf = pool.take()
-                        fd = self._fd(src.file)
-                        pread_exact(fd, memoryview(buf)[:length], offset, src.file)
-                        release_cache(fd, offset, length)
-                        _put(out_q, ("chunk", chunk, buf, length), self._cancelled)
-                    if self.inputs is not None and last_read[src.file] == index:
-                        os.close(self._fds.pop(src.file))  # its bytes are in our buffers now
-                        self.inputs.release(src.file)
-                _put(out_q, ("close", shard), self._cancelled)
+            items = list(schedule(self.plan))
+            # the last pass reading each input file (its base rows, or a bitsandbytes weight's statistics)
+            last_read: dict[str, int] = {}
+            for i, item in enumerate(items):
+                if item[0] == "pass":
+                    for f in _pass_files(item[1].tensor):
+                        last_read[f] = i
+            for i, item in enumerate(items):
+                if item[0] != "pass":
+                    _put(out_q, item, self._cancelled)  # open / part / close pass through in order
+                    continue
+                p: Pass = item[1]
+                src = p.tensor.source
+                if self.inputs is not None:
+                    for f in _pass_files(p.tensor):
+                        self.inputs.acquire(f, self._cancelled)
+                    if self._cancelled.is_set():
+                        raise _Stop
+                for chunk in chunks_of(p.tensor, self.layout, self.plan.options.max_chunk_rows, p.purpose):
+                    offset, length = qs.source_span(p.tensor, chunk.row_start, chunk.row_stop)
+                    buf = pool.take()
+                    fd = self._fd(src.file)
+                    pread_exact(fd, memoryview(buf)[:length], offset, src.file)
+                    release_cache(fd, offset, length)
+                    _put(out_q, ("chunk", chunk, buf, length), self._cancelled)
+                if self.inputs is not None:
+                    for f in _pass_files(p.tensor):
+                        if last_read[f] == i and f not in self._companion_files:
+                            os.close(self._fds.pop(f))  # its bytes are in our buffers now
+                            self.inputs.release(f)
             _put(out_q, None, self._cancelled)
         except _Stop:
             pass
@@ -361,48 +495,171 @@ class Executor:
 
     # -- compute (calling thread)
 
-    def _read_source(self, src) -> torch.Tensor:
+    def _read_whole(self, src: Source) -> torch.Tensor:
         buf = bytearray(src.end - src.start)
         pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
-        return torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape) if buf else torch.empty(src.shape, dtype=torch_dtype(src.dtype))
+        if not buf:
+            return torch.empty(src.shape, dtype=torch_dtype(src.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype(src.dtype)).reshape(src.shape)
+
+    _read_source = _read_whole
 
     def _load_factors(self, tensor: OutputTensor) -> TensorMath:
-        return TensorMath.load(tensor, self._read_source, self.device)
+        return TensorMath.load(tensor, self._read_whole, self.device)
 
-    def _base_rows(self, chunk: Chunk, buf: bytearray, length: int) -> torch.Tensor:
-        width = _rows_and_width(chunk.tensor.shape)[1]
-        base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(chunk.tensor.source.dtype))
-        return base.reshape(chunk.rows, width)
+    def _begin(self, chunk: Chunk) -> _PassState:
+        """Per-pass state: LoRA factors, the source's decoded statistics, the quantizers."""
+        t, purpose = chunk.tensor, chunk.purpose
+        st = _PassState()
+        if purpose == "roundtrip":
+            st.roundtrip = qs.RoundTrip(t, self.device)
+            return st
+        if purpose != "prepass" and self._prepassed is not None and self._prepassed[0] == t.name:
+            st.math = self._prepassed[1]  # the column norms its prepass just measured
+        elif t.loras:
+            st.math = self._load_factors(t)
+        self._prepassed = None
+        if t.quant_in is not None:
+            st.decoder = qs.Decoder(t, self._read_whole, self.device)
+        if t.roundtrip is not None:
+            if t.roundtrip.double_quant:
+                if self._roundtrip is None or self._roundtrip[0] != t.name:
+                    raise ExecutionError(f"internal error: no round-trip statistics for {t.name}")
+                st.roundtrip = self._roundtrip[1]
+            else:
+                st.roundtrip = qs.RoundTrip(t, self.device)
+        if t.quant_out is not None:
+            st.quantizer = qs.OutputQuantizer(t.quant_out)
+        return st
 
-    def _prepass(self, chunk: Chunk, buf: bytearray, length: int, math_: TensorMath, tiles) -> None:
-        math_.prepass(self._base_rows(chunk, buf, length).to(self.device), chunk.row_start, tiles)
+    def _end(self, chunk: Chunk, st: _PassState) -> None:
+        t = chunk.tensor
+        if chunk.purpose == "roundtrip":
+            st.roundtrip.finish_stats()
+            self._roundtrip = (t.name, st.roundtrip)
+            return
+        if chunk.purpose == "prepass":  # the next pass over this tensor merges with these norms
+            self._prepassed = (t.name, st.math)
+            return
+        self._roundtrip = None
+        if st.quantizer is not None:
+            self._remember(t.name, t.quant_out, st.quantizer.finish())
 
-    def _compute_into(self, chunk: Chunk, buf: bytearray, length: int, out_buf: bytearray, terms, tiles) -> int:
+    def _weight_rows(self, chunk: Chunk, buf, length: int, st: _PassState, *, raw_base: bool = False) -> torch.Tensor:
+        """The base weight's rows W on the compute device: float32 for a bitsandbytes or round-tripped
+        source (what bitsandbytes' dequantization returns, widened), else the stored dtype."""
+        t = chunk.tensor
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=length)
+        if self.device.type != "cpu":
+            raw = raw.to(self.device, non_blocking=True)
+        if st.decoder is not None:
+            return st.decoder.rows(raw, chunk.row_start, chunk.row_stop)
+        base = raw.view(torch_dtype(t.source.dtype)).reshape(chunk.rows, _rows_and_width(t.weight_shape)[1])
+        if st.roundtrip is not None and not raw_base:
+            return st.roundtrip.rows(base, chunk.row_start)
+        return base
+
+    def _merged_f32(self, chunk: Chunk, buf, length: int, st: _PassState, tiles) -> torch.Tensor:
+        """float32 rows of W + sum(w*s*B@A) (no rounding: a 4-bit output quantizes these)."""
+        w = self._weight_rows(chunk, buf, length, st)
+        fresh = st.decoder is not None or st.roundtrip is not None  # a tensor of our own: merge in place
+        if st.math is None:
+            return w if fresh else w.float()
+        return st.math.compute(w, chunk.row_start, torch.float32, tiles, out=w if fresh else None)
+
+    def _observe(self, chunk: Chunk, buf, length: int, st: _PassState, tiles) -> None:
+        """A statistics pass: block absmax of the merged rows (or of the base, for a round trip)."""
+        if chunk.purpose == "roundtrip":
+            st.roundtrip.observe(self._weight_rows(chunk, buf, length, st, raw_base=True))
+        elif chunk.purpose == "prepass":
+            st.math.prepass(self._weight_rows(chunk, buf, length, st), chunk.row_start, tiles)
+        else:
+            st.quantizer.measure(self._merged_f32(chunk, buf, length, st, tiles))
+
+    def _compute_into(self, chunk: Chunk, buf: bytearray, length: int, out_buf: bytearray, st: _PassState, tiles) -> int:
         """Math for one chunk, written into `out_buf`; returns the number of output bytes."""
         tensor = chunk.tensor
-        width = _rows_and_width(tensor.shape)[1]
-        base = self._base_rows(chunk, buf, length)
+        if tensor.op == "quant":  # the packed bytes of a 4-bit output weight
+            packed = st.quantizer.pack(self._merged_f32(chunk, buf, length, st, tiles))
+            out_len = packed.numel()
+            torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).copy_(packed)
+            return out_len
+        width = _rows_and_width(tensor.weight_shape)[1]
         out_dtype = torch_dtype(tensor.dtype)
         out_len = chunk.rows * width * ITEMSIZE[tensor.dtype]
         out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).view(out_dtype).reshape(chunk.rows, width)
-        on_device = self.device.type != "cpu"
-        if tensor.op not in MATH_OPS:  # cast, or an adapter's full tensor in another dtype
+        if tensor.op in ("cast", "replace"):  # a dtype change needs no device
+            base = torch.frombuffer(buf, dtype=torch.uint8, count=length).view(torch_dtype(tensor.source.dtype))
+            base = base.reshape(chunk.rows, width)
             out.copy_(base)
-        elif on_device:
-            out.copy_(terms.compute(base.to(self.device), chunk.row_start, out_dtype, tiles))
         else:
-            terms.compute(base, chunk.row_start, out_dtype, tiles, out=out)
+            base = self._weight_rows(chunk, buf, length, st)
+            if st.math is None:  # a dequantized bitsandbytes weight, nothing to add
+                out.copy_(base)
+            elif self.device.type != "cpu":
+                out.copy_(st.math.compute(base, chunk.row_start, out_dtype, tiles))
+            else:
+                st.math.compute(base, chunk.row_start, out_dtype, tiles, out=out)
         if not self.plan.options.allow_nonfinite:
             _refuse_nonfinite(chunk, base, out)
         return out_len
+
+    # -- 4-bit output statistics (see `schedule`)
+
+    def _remember(self, weight: str, qo, stats: dict[str, torch.Tensor]) -> None:
+        small = {"quant_state": qs.part_tensor(stats, replace(qo, part="quant_state"))}
+        if "nested_absmax" in stats:
+            small["nested_absmax"] = stats["nested_absmax"]
+        before = self._small.get(weight)
+        if before is not None and not torch.equal(before["quant_state"], small["quant_state"]):
+            raise ExecutionError(f"internal error: the statistics of {weight} differ between two passes")
+        self._small[weight] = small
+        self._stash = (weight, stats["absmax"])
+
+    def _resolve(self, shard: OutputShard) -> OutputShard:
+        """The shard with the double-quant JSON lengths its statistics pass found (see resize_shard)."""
+        shapes = {
+            t.name: (int(self._small[t.quant_out.weight]["quant_state"].numel()),)
+            for t in shard.tensors
+            if t.quant_out is not None and not t.quant_out.exact_size
+        }
+        resolved = resize_shard(shard, shapes)
+        self._resolved[shard.filename] = resolved
+        self._current = {t.name: t for t in resolved.tensors}
+        return resolved
+
+    def _part_bytes(self, tensor: OutputTensor) -> memoryview:
+        """Bytes of a 4-bit output's statistic tensor, from the code books or its weight's statistics."""
+        qo = tensor.quant_out
+        data = qs.constant_part(qo)
+        if data is None and qo.part == "absmax":
+            if self._stash is None or self._stash[0] != qo.weight:
+                raise ExecutionError(f"internal error: the absmax of {qo.weight} is not at hand")
+            data, self._stash = self._stash[1], None
+        elif data is None:
+            data = self._small[qo.weight][qo.part]
+        want = self._current[tensor.name]
+        got = data.numel() * data.element_size()
+        if got != want.nbytes or data.dtype != torch_dtype(want.dtype):
+            raise ExecutionError(f"internal error: {tensor.name} is {got} bytes of {data.dtype}, planned {want.nbytes} of {want.dtype}")
+        self._parts_left[qo.weight] -= 1
+        if self._parts_left[qo.weight] == 0:
+            self._small.pop(qo.weight, None)
+        return memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    @property
+    def final_plan(self) -> MergePlan:
+        """The plan with the shard layouts as written (exact double-quant JSON lengths)."""
+        return replace(self.plan, shards=tuple(self._resolved.get(s.filename, s) for s in self.plan.shards))
 
     def run(self) -> RunStats:
         _fix_malloc_threshold()
         stats = RunStats()
         start = time.perf_counter()
         size = self.layout.buffer_bytes
-        read_pool = _Pool(READ_BUFFERS, size, self._cancelled)
-        write_pool = _Pool(WRITE_BUFFERS, size, self._cancelled) if not all(map(is_passthrough, self.plan.tensors)) else None
+        pinned = self.device.type == "cuda"
+        read_pool = _Pool(READ_BUFFERS, size, self._cancelled, pinned)
+        write_pool = _Pool(WRITE_BUFFERS, size, self._cancelled, pinned) if not all(map(is_passthrough, self.plan.tensors)) else None
         tiles = ops.Tiles.allocate(self.layout.tile_elements, self.device) if self.layout.tile_elements else None
         read_q: queue.Queue = queue.Queue(maxsize=1)
         write_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
@@ -415,32 +672,47 @@ class Executor:
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
         if self.inputs is not None:
-            self.inputs.begin([t.source.file for t in self.plan.tensors])
+            self.inputs.begin([f for item in schedule(self.plan) if item[0] == "pass" for f in _pass_files(item[1].tensor)])
         reader.start()
         writer.start()
-        terms = None
+        state: _PassState | None = None
+        on_device = self.device.type != "cpu"
         try:
             while (item := _get(read_q, self._cancelled)) is not None:
-                if item[0] != "chunk":
-                    _put(write_q, item, self._cancelled)  # open / close markers pass through in order
+                kind = item[0]
+                if kind == "open":
+                    _put(write_q, ("open", self._resolve(item[1])), self._cancelled)
+                    continue
+                if kind == "close":
+                    _put(write_q, ("close", self._resolved[item[1].filename]), self._cancelled)
+                    continue
+                if kind == "part":
+                    data = self._part_bytes(item[1])
+                    _put(write_q, ("data", data, lambda: None), self._cancelled)
+                    _put(write_q, ("tensor", self._current[item[1].name]), self._cancelled)
                     continue
                 _, chunk, buf, length = item
-                if chunk.first and chunk.tensor.op in MATH_OPS:
-                    terms = self._load_factors(chunk.tensor)
-                if is_passthrough(chunk.tensor):  # bytes as they are: hand the read buffer to the writer
-                    _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
-                elif chunk.prepass:  # read once more later; nothing to write yet
-                    self._prepass(chunk, buf, length, terms, tiles)
+                if chunk.first:
+                    state = self._begin(chunk)
+                if chunk.purpose != "write":  # a statistics pass or a DoRA prepass: nothing is written
+                    self._observe(chunk, buf, length, state, tiles)
+                    if on_device:
+                        torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
-                    continue
+                elif is_passthrough(chunk.tensor):  # bytes as they are: hand the read buffer to the writer
+                    _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
                 else:
                     out_buf = write_pool.take()
-                    out_len = self._compute_into(chunk, buf, length, out_buf, terms, tiles)
+                    out_len = self._compute_into(chunk, buf, length, out_buf, state, tiles)
+                    if on_device:
+                        torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
                     _put(write_q, ("data", memoryview(out_buf)[:out_len], lambda b=out_buf: write_pool.give(b)), self._cancelled)
                 if chunk.last:
-                    terms = None
-                    _put(write_q, ("tensor", chunk.tensor), self._cancelled)
+                    self._end(chunk, state)
+                    state = None
+                    if chunk.purpose == "write":
+                        _put(write_q, ("tensor", self._current.get(chunk.tensor.name, chunk.tensor)), self._cancelled)
             _put(write_q, None, self._cancelled)
         except _Stop:
             pass

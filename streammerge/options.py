@@ -12,7 +12,10 @@ from typing import Any
 from .errors import OptionError
 
 METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
-SUPPORTED_METHODS = ("merged_16bit", "lora", "gguf")
+SUPPORTED_METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
+# bitsandbytes 4-bit settings (the same values as streammerge.quant.bnb4, kept here torch-free)
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -81,6 +84,34 @@ class AdapterSpec:
         return cls(str(text), 1.0)
 
 
+def _check_quant_options(method, quant_type, blocksize, double_quant, base_roundtrip):
+    """4-bit settings: --quant-type is merged_4bit's; --blocksize / --double-quant describe the 4-bit
+    format of merged_4bit's output and of --base-roundtrip's round trip, so they need one of them."""
+    if quant_type is not None:
+        quant_type = str(quant_type).lower()
+        if quant_type not in QUANT_TYPES:
+            raise OptionError(f"--quant-type {quant_type!r} is not supported; choose {' or '.join(QUANT_TYPES)}")
+        if method != "merged_4bit":
+            raise OptionError("--quant-type only applies to --method merged_4bit; add it or drop the option")
+    if base_roundtrip is not None:
+        base_roundtrip = str(base_roundtrip).lower()
+        if base_roundtrip not in QUANT_TYPES:
+            raise OptionError(f"--base-roundtrip {base_roundtrip!r} is not supported; choose {' or '.join(QUANT_TYPES)}")
+    if blocksize is not None:
+        try:
+            blocksize = int(blocksize)
+        except (TypeError, ValueError):
+            raise OptionError(f"--blocksize {blocksize!r} is not a number; choose one of {BLOCKSIZES}") from None
+        if blocksize not in BLOCKSIZES:
+            raise OptionError(f"--blocksize {blocksize} is not supported by bitsandbytes; choose one of {BLOCKSIZES}")
+    if (blocksize is not None or double_quant is not None) and method != "merged_4bit" and base_roundtrip is None:
+        raise OptionError(
+            "--blocksize and --double-quant/--no-double-quant describe a 4-bit format: use them with "
+            "--method merged_4bit or --base-roundtrip"
+        )
+    return quant_type, blocksize, base_roundtrip
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     method: str = "merged_16bit"
@@ -91,6 +122,12 @@ class MergeOptions:
     max_chunk_rows: int | None = None
     allow_nonfinite: bool = False  # write NaN/Inf from adapters or the merge instead of refusing
     extra: dict[str, Any] = field(default_factory=dict)
+    # merged_4bit output format; None = the base's quantization_config, else nf4 / 64 / double quant
+    quant_type: str | None = None
+    blocksize: int | None = None
+    double_quant: bool | None = None
+    # QLoRA-faithful merge onto a 16-bit base: W -> dequantize(quantize(W)) before adding the delta
+    base_roundtrip: str | None = None
 
     @classmethod
     def create(
@@ -104,6 +141,10 @@ class MergeOptions:
         max_chunk_rows: int | None = None,
         allow_nonfinite: bool = False,
         gguf_type: str | None = None,
+        quant_type: str | None = None,
+        blocksize: int | str | None = None,
+        double_quant: bool | None = None,
+        base_roundtrip: str | None = None,
     ) -> "MergeOptions":
         if method not in METHODS:
             raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
@@ -122,6 +163,7 @@ class MergeOptions:
             extra["gguf_type"] = parse_gguf_type(gguf_type)
         elif gguf_type is not None:
             raise OptionError("--gguf-type applies only to --method gguf")
+        quant_type, blocksize, base_roundtrip = _check_quant_options(method, quant_type, blocksize, double_quant, base_roundtrip)
         return cls(
             method=method,
             dtype=parse_dtype(dtype),
@@ -131,6 +173,10 @@ class MergeOptions:
             max_chunk_rows=max_chunk_rows,
             allow_nonfinite=bool(allow_nonfinite),
             extra=extra,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=None if double_quant is None else bool(double_quant),
+            base_roundtrip=base_roundtrip,
         )
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,21 +85,75 @@ class LoraTerm:
 
 
 @dataclass(frozen=True)
+class QuantIn:
+    """A bitsandbytes base weight: `OutputTensor.source` is its packed data, `companions` its statistics
+    (read once per tensor), `format` the codec's JSON (streammerge.quant.bnb4.Bnb4Format / int8.Int8Format)."""
+
+    codec: str  # "bnb4" | "int8"
+    format: dict[str, Any]
+    companions: tuple[Source, ...] = ()
+
+
+QUANT_PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
+
+
+@dataclass(frozen=True)
+class QuantOut:
+    """One tensor of a bitsandbytes 4-bit output weight, as `quantize_4bit` + `QuantState.as_dict` make it.
+
+    The `weight` part (packed bytes) carries the source and the LoRA terms; the statistic parts name
+    that tensor in `weight` and are derived from the merged weight's per-block absmax.
+    """
+
+    part: str  # one of QUANT_PARTS
+    weight: str  # output name of the packed weight
+    shape: tuple[int, ...]  # logical shape of the weight
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    dtype: str  # quant-state dtype: what dequantize_4bit returns
+    quant_storage: str = "uint8"
+
+    @property
+    def exact_size(self) -> bool:
+        """False only for the double-quant quant-state JSON, whose length depends on the data."""
+        return not (self.part == "quant_state" and self.double_quant)
+
+
+@dataclass(frozen=True)
+class Roundtrip:
+    """`--base-roundtrip`: the base weight is replaced by dequantize_4bit(quantize_4bit(W)) first."""
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+
+
+@dataclass(frozen=True)
 class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
     # "copy" (bytes as they are) | "cast" (dtype change) | "merge" (base + LoRA/DoRA/MoE terms) |
     # "replace" (a full tensor from an adapter) | "bias_add" (bias + lora_bias terms) | "token_rows"
+    # "dequant" (bitsandbytes base -> float) | "quant" (one tensor of a bitsandbytes 4-bit output)
     op: str
     source: Source
     loras: tuple[LoraTerm, ...] = ()
     start: int = 0  # absolute offsets in the output shard
     end: int = 0
+    quant_in: QuantIn | None = None  # the source is a bitsandbytes weight, decoded before the math
+    quant_out: QuantOut | None = None  # the output is (part of) a bitsandbytes 4-bit weight
+    roundtrip: Roundtrip | None = None
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape the math sees: the logical weight for a 4-bit output, else the tensor's shape."""
+        return tuple(self.quant_out.shape) if self.quant_out is not None else self.shape
 
 
 @dataclass(frozen=True)
@@ -123,6 +177,7 @@ class MergePlan:
     @property
     def tied_copies(self) -> set[str]:
         return {h for h, _ in self.untied}
+    quantization_config: dict[str, Any] | None = None  # config.json's, for a merged_4bit output
 
     @property
     def tensors(self) -> list[OutputTensor]:
@@ -168,6 +223,12 @@ class MergePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MergePlan":
+        def quant_in(d: dict | None) -> QuantIn | None:
+            return None if d is None else QuantIn(d["codec"], d["format"], tuple(Source.from_dict(c) for c in d["companions"]))
+
+        def quant_out(d: dict | None) -> QuantOut | None:
+            return None if d is None else QuantOut(**{**d, "shape": tuple(d["shape"])})
+
         shards = tuple(
             OutputShard(
                 s["filename"], s["size"], s["header_size"],
@@ -175,7 +236,8 @@ class MergePlan:
                     OutputTensor(
                         t["name"], t["dtype"], tuple(t["shape"]), t["op"], Source.from_dict(t["source"]),
                         tuple(LoraTerm.from_dict(l) for l in t["loras"]),
-                        t["start"], t["end"],
+                        t["start"], t["end"], quant_in(t.get("quant_in")), quant_out(t.get("quant_out")),
+                        Roundtrip(**t["roundtrip"]) if t.get("roundtrip") else None,
                     )
                     for t in s["tensors"]
                 ),
@@ -186,6 +248,7 @@ class MergePlan:
             base=data["base"], adapters=tuple(data["adapters"]), options=MergeOptions(**data["options"]),
             shards=shards, streammerge_version=data["streammerge_version"], notes=tuple(data.get("notes", ())),
             untied=tuple(tuple(p) for p in data.get("untied", ())),
+            quantization_config=data.get("quantization_config"),
         )
 
 
@@ -255,31 +318,41 @@ def _ties(checkpoint: Checkpoint) -> dict[str, str]:
 
 
 def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: MergeOptions) -> MergePlan:
-    """A pure function of headers + adapters + options."""
+    """A pure function of headers + adapters + options (bitsandbytes weights: + their quant-state JSON)."""
     from .compose import compose, op_of
     from .model_info import model_info
+    from .quant.planning import QuantPlanner
 
-    composition = compose(checkpoint, adapters, _ties(checkpoint), lambda: model_info(checkpoint))
+    quant = QuantPlanner(checkpoint, options)
+
+    composition = compose(checkpoint, adapters, _ties(checkpoint), lambda: model_info(checkpoint),
+                          shapes=quant.logical_shapes(), quantized=set(quant.weights))
     pending: list[tuple[TensorSpec, OutputTensor]] = []
     for name, recipe in composition.recipes.items():
-        dtype = output_dtype(recipe.base, options)
+        if quant.is_companion(name):
+            continue  # consumed with its quantized weight
         loras = tuple(_term(t) for t in recipe.terms if t.edit.kind != "replace")
+        ref = checkpoint.tensors.get(name) if recipe.replaced_by is None else None
+        entries = quant.entries(name, ref, loras) if ref is not None else None
+        if entries is not None:
+            pending.extend(entries)
+            continue
+        dtype = output_dtype(recipe.base, options)
         op = op_of(recipe, dtype)
         spec = TensorSpec(name, dtype, tuple(recipe.base.shape))
-        pending.append((spec, OutputTensor(name, dtype, spec.shape, op, Source.of(recipe.source_file, recipe.source), loras)))
+        roundtrip = quant.roundtrip_for(name, loras) if op == "merge" and recipe.replaced_by is None else None
+        pending.append((spec, OutputTensor(name, dtype, spec.shape, op, Source.of(recipe.source_file, recipe.source),
+                                           loras, roundtrip=roundtrip)))
 
     by_name = {spec.name: tensor for spec, tensor in pending}
     groups = split_into_shards([spec for spec, _ in pending], options.max_shard_size)
-    shards = []
-    for filename, group in zip(shard_filenames(len(groups)), groups):
-        ordered = save_order(group)
-        header, offsets = build_header(ordered, SHARD_METADATA)
-        tensors = tuple(
-            _with_offsets(by_name[spec.name], *offsets[spec.name]) for spec in ordered
-        )
-        size = len(header) + sum(spec.nbytes for spec in ordered)
-        shards.append(OutputShard(filename, size, len(header), tensors))
+    shards = [layout_shard(filename, [by_name[spec.name] for spec in group])
+              for filename, group in zip(shard_filenames(len(groups)), groups)]
 
+    qconfig = None
+    if options.method == "merged_4bit":
+        model_dtype = options.dtype or config_model_dtype(checkpoint.config) or "bfloat16"
+        qconfig = quant.quantization_config([t for _, t in pending], model_dtype)
     plan = MergePlan(
         base=checkpoint.label,
         adapters=tuple(
@@ -288,6 +361,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
         options=options,
         shards=tuple(shards),
         untied=tuple(composition.untied),
+        quantization_config=qconfig,
     )
     validate(plan, checkpoint, adapters)
     used = adapter_uses(plan, adapters)
@@ -296,18 +370,42 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     ))
 
 
+def config_model_dtype(config: dict[str, Any] | None) -> str | None:
+    from .quant.checkpoint import config_dtype
+
+    return config_dtype(config)
+
+
+def layout_shard(filename: str, tensors: Sequence[OutputTensor]) -> OutputShard:
+    """Order `tensors` as safetensors saves them and give each its byte range in the shard."""
+    ordered = save_order([TensorSpec(t.name, t.dtype, t.shape) for t in tensors])
+    by_name = {t.name: t for t in tensors}
+    header, offsets = build_header(ordered, SHARD_METADATA)
+    placed = tuple(_with_offsets(by_name[spec.name], *offsets[spec.name]) for spec in ordered)
+    return OutputShard(filename, len(header) + sum(spec.nbytes for spec in ordered), len(header), placed)
+
+
+def resize_shard(shard: OutputShard, shapes: dict[str, tuple[int, ...]]) -> OutputShard:
+    """The shard with some tensors' final shapes (the double-quant quant-state JSON, whose length is
+    known only once its weight's statistics are): header, offsets and size recomputed."""
+    if not shapes:
+        return shard
+    return layout_shard(shard.filename, [replace(t, shape=tuple(shapes.get(t.name, t.shape))) for t in shard.tensors])
+
+
 def _with_offsets(tensor: OutputTensor, start: int, end: int) -> OutputTensor:
-    return OutputTensor(tensor.name, tensor.dtype, tensor.shape, tensor.op, tensor.source, tensor.loras, start, end)
+    return replace(tensor, start=start, end=end)
 
 
 def _check_term_shape(t: OutputTensor, term: LoraTerm) -> None:
     """Each kind of term must fit the tensor it changes (a second line of defence after resolution)."""
     ok = True
+    shape = t.weight_shape
     if term.kind in ("lora", "embedding", "dora"):
-        rows, cols = (t.shape[1], t.shape[0]) if term.transpose else t.shape
+        rows, cols = (shape[1], shape[0]) if term.transpose else shape
         r = term.a.shape[0] // max(term.experts, 1)
         b_rows = (term.b_rows[1] - term.b_rows[0]) if term.b_rows else term.b.shape[0]
-        ok = (len(t.shape) == 2 and b_rows == rows and term.a.shape[1] == cols
+        ok = (len(shape) == 2 and b_rows == rows and term.a.shape[1] == cols
               and term.a.shape[0] == term.b.shape[1] and r >= 1)
         if term.kind == "dora":
             ok = ok and term.magnitude is not None and term.magnitude.shape == (rows,)
@@ -328,11 +426,26 @@ def _check_term_shape(t: OutputTensor, term: LoraTerm) -> None:
 
 
 def validate(plan: MergePlan, checkpoint: Checkpoint, adapters: Sequence[Adapter]) -> None:
-    """Every base tensor written exactly once, every adapter tensor used exactly once, shapes agree."""
+    """Every base tensor consumed exactly once (a quantized weight with its statistics), every output
+    name unique, every adapter tensor used exactly once, shapes agree."""
     names = [t.name for t in plan.tensors]
+    if len(set(names)) != len(names):
+        raise PlanError("internal error: the plan writes a tensor name twice")
     copies = plan.tied_copies
-    if sorted(n for n in names if n not in copies) != sorted(checkpoint.tensors) or len(set(names)) != len(names):
+    consumed: list[str] = []
+    for t in plan.tensors:
+        if t.quant_out is not None and t.quant_out.part != "weight":
+            continue  # derived from its weight's statistics
+        if t.name in copies:
+            continue  # an untied copy of a base tensor
+        consumed.append(t.name if t.quant_in is None else t.source.name)
+        if t.quant_in is not None:
+            consumed.extend(c.name for c in t.quant_in.companions)
+    if sorted(consumed) != sorted(checkpoint.tensors):
         raise PlanError("internal error: the plan does not write every base tensor exactly once")
+    for t in plan.tensors:
+        for term in t.loras:
+            _check_term_shape(t, term)
     for adapter, used in zip(adapters, adapter_uses(plan, adapters)):
         for key in adapter.header.tensors:
             count = used.get(key, 0)
@@ -435,7 +548,9 @@ def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_not
         *[f"adapter:    {a['path']}" + (f" (weight {a['weight']:g})" if a["weight"] != 1.0 else "") for a in plan.adapters],
         f"method:     {plan.options.method}" + (f", dtype {plan.options.dtype}" if plan.options.dtype else ", dtype as base"),
         f"tensors:    {len(plan.tensors)} total: {counts.get('merge', 0)} merged ({n_terms} LoRA terms), "
-        f"{counts.get('copy', 0)} copied, {counts.get('cast', 0)} cast",
+        f"{counts.get('copy', 0)} copied, {counts.get('cast', 0)} cast"
+        + (f", {counts['dequant']} dequantized" if counts.get("dequant") else "")
+        + (f", {counts['quant']} 4-bit tensors" if counts.get("quant") else ""),
         "ops:        " + ", ".join(f"{op} {n}" for op, n in sorted(counts.items())),
         "terms:      " + (", ".join(f"{kind} {n}" for kind, n in sorted(plan.term_counts().items())) or "none"),
         f"coverage:   {cov['used']}/{cov['adapter_tensors']} adapter tensors used",

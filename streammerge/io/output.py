@@ -87,12 +87,17 @@ def copy_other_files(files: Iterable[Path], out: Path) -> list[str]:
     return copied
 
 
-def merged_config(config: dict[str, Any] | None, dtype: str | None) -> dict[str, Any] | None:
-    """The base config for a 16-bit output: dtype set when it changed, quantization removed."""
+def merged_config(
+    config: dict[str, Any] | None, dtype: str | None, quantization_config: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The base config for the output: dtype set when it changed; quantization removed (16-bit output)
+    or replaced by the output's own (merged_4bit)."""
     if config is None:
         return None
     new = dict(config)
     new.pop("quantization_config", None)
+    if quantization_config is not None:
+        new["quantization_config"] = quantization_config
     if dtype is not None:
         new["dtype"] = dtype
         if "torch_dtype" in new:

@@ -521,6 +521,65 @@ def _fmt_for(shape, quant_type, blocksize, double_quant, dtype_name, quant_stora
     )
 
 
+def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Per-block float32 absmax of a flat chunk starting on a block boundary, exactly as bitsandbytes'
+    ``quantize_4bit`` computes it (full blocks: max |x|; a partial last block: clamped to >= 1e-38)."""
+    a = flat.reshape(-1).float()
+    n = a.numel()
+    rem = n % blocksize
+    full = n - rem
+    absmax = a[:full].reshape(full // blocksize, blocksize).abs().max(dim=-1)[0]
+    if rem:
+        am = a[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+    return absmax
+
+
+def _quantize_bounds(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' decision bounds: midpoints of the sorted codebook, and the sort order (FP4 remap)."""
+    code = codebook(quant_type, device=device)
+    order = torch.argsort(code)
+    return (code[order[:-1]] + code[order[1:]]) / 2, order
+
+
+def _quantize_4bit_torch(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' default ``quantize_4bit`` kernel (the one its CPU build runs), the same torch
+    operations on any device, so a CUDA chunk gives the CPU's bytes (bnb's CUDA kernel need not)."""
+    bounds, order = _quantize_bounds(quant_type, flat.device)
+    a = flat.reshape(-1).float()
+    n = a.numel()
+    rem = n % blocksize
+    full = n - rem
+    com = a[:full].reshape(full // blocksize, blocksize)
+    absmax = com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = a[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, bounds, out_int32=True)
+    if quant_type != "nf4":
+        q = order[q]
+    q8 = q.to(torch.uint8)
+    return (q8[::2] << 4) | q8[1::2], absmax
+
+
+def quantize_4bit_chunk(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 bytes, float32 absmax) of a flat chunk that starts on a block boundary.
+
+    On the CPU this is bitsandbytes' own ``quantize_4bit`` op; elsewhere the same arithmetic in
+    torch (:func:`_quantize_4bit_torch`), which the tests prove equal to bitsandbytes' op on the CPU.
+    """
+    if flat.device.type == "cpu":
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat, blocksize, quant_type, torch.uint8)
+        return packed.reshape(-1), absmax
+    return _quantize_4bit_torch(flat, blocksize, quant_type)
+
+
 @dataclass
 class Bnb4Quantizer:
     """Quantize a weight row chunk by row chunk, bit-identical to ``quantize_4bit`` on the whole tensor.
@@ -530,7 +589,9 @@ class Bnb4Quantizer:
     statistics over all of it, as bitsandbytes does. ``compute_dtype_name`` is written as the
     quant-state ``dtype``: the dtype ``dequantize_4bit`` will return, i.e. the dtype the original
     weight had (transformers records the weight's dtype there, not ``bnb_4bit_compute_dtype``).
-    Chunks may live on any device; bitsandbytes' kernel for that device is used.
+    Chunks may live on any device: the CPU runs bitsandbytes' op, other devices the same arithmetic
+    in torch (:func:`quantize_4bit_chunk`), and the statistics are finished on the CPU, so every
+    device writes the same bytes.
     """
 
     shape: tuple[int, ...]
@@ -558,8 +619,7 @@ class Bnb4Quantizer:
     def row_alignment(self) -> int:
         return row_alignment(self._fmt.n_cols, self.blocksize)
 
-    def add(self, rows: torch.Tensor) -> torch.Tensor:
-        """Quantize the next rows (float32, shape [k, *shape[1:]] or flat); returns their packed uint8 bytes."""
+    def _check_chunk(self, rows: torch.Tensor) -> int:
         if self._finished:
             raise ValueError("Bnb4Quantizer.add called after finish()")
         n = rows.numel()
@@ -577,18 +637,23 @@ class Bnb4Quantizer:
             raise ValueError(f"chunk overruns the weight: {self._done} + {n} > {total} values")
         if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"rows must be float32/bfloat16/float16, got {rows.dtype}")
-        from bitsandbytes.functional import quantize_4bit
+        return n
 
-        packed, state = quantize_4bit(
-            rows.reshape(-1).contiguous(),
-            blocksize=self.blocksize,
-            compress_statistics=False,
-            quant_type=self.quant_type,
-            quant_storage=torch.uint8,
-        )
-        self._absmax.append(state.absmax)
+    def add(self, rows: torch.Tensor) -> torch.Tensor:
+        """Quantize the next rows (float32, shape [k, *shape[1:]] or flat); returns their packed uint8 bytes
+        (on the rows' device)."""
+        n = self._check_chunk(rows)
+        packed, absmax = quantize_4bit_chunk(rows.reshape(-1).contiguous(), self.blocksize, self.quant_type)
+        self._absmax.append(absmax.cpu())
         self._done += n
         return packed.reshape(-1)
+
+    def add_absmax(self, rows: torch.Tensor) -> None:
+        """Record the next rows' block absmax only (no packing): the cheap pass that makes the
+        statistics (and the double-quant ``nested_offset``) known before the packed bytes are produced."""
+        n = self._check_chunk(rows)
+        self._absmax.append(block_absmax(rows.reshape(-1), self.blocksize).cpu())
+        self._done += n
 
     def finish(self, json_pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Statistic tensors keyed by suffix (``absmax``, ``quant_map``, ..., ``quant_state.bitsandbytes__nf4``).
@@ -605,6 +670,7 @@ class Bnb4Quantizer:
         self._finished = True
         from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
 
+        # on the CPU whatever the chunks' device: absmax.mean() must reduce in the same order everywhere
         absmax = torch.cat(self._absmax) if len(self._absmax) > 1 else self._absmax[0]
         self._absmax = []
         code = get_4bit_type(self.quant_type, device=absmax.device)
@@ -630,6 +696,10 @@ class Bnb4Quantizer:
             pad = torch.full((json_pad_to - raw.numel(),), ord(" "), dtype=torch.uint8)
             out[key] = torch.cat((raw, pad))
         return out
+
+    def decoded_absmax(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 per-block absmax ``dequantize_4bit`` will use for ``finish()``'s statistics."""
+        return decode_absmax(self.format(stats), stats["absmax"], stats.get("nested_absmax"), stats.get("nested_quant_map"))
 
     def format(self, stats: Mapping[str, torch.Tensor]) -> Bnb4Format:
         """The :class:`Bnb4Format` of the finished weight (needs ``finish()``'s output for nested_offset)."""
