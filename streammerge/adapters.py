@@ -238,7 +238,8 @@ def check_finite(adapter: Adapter, block_bytes: int = 16 << 20) -> None:
                 buf = bytearray(min(step, info.end - offset))
                 pread_exact(fh.fileno(), memoryview(buf), offset, str(adapter.weights_file))
                 values = torch.frombuffer(buf, dtype=getattr(torch, TORCH_NAME[info.dtype]))
-                if not bool(torch.isfinite(values.abs().amax())):  # fast test first (amax propagates NaN)
+                lo, hi = torch.aminmax(values)  # fast test first: min/max propagate NaN and hold any inf
+                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                     bad += int((~torch.isfinite(values)).sum())
             if bad:
                 raise AdapterError(

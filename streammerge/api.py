@@ -253,13 +253,19 @@ def verify(
     `streammerge.verify`); returns a `VerifyReport` (`.ok`, `.faults`, `.table_lines()`, `.to_dict()`).
     Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
     from .execute import resolve_device
-    from .verifier import Verifier
+    from .verifier import Verifier, unverifiable
 
     opts = MergeOptions.create(**options)
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
     checkpoint, loaded, the_plan = _load(base, adapters, opts)
+    missing = unverifiable(the_plan)
+    if missing:
+        from .errors import UnsupportedError
+
+        what = "; ".join(f"{kind} ({len(names)} tensors, e.g. {names[0]})" for kind, names in sorted(missing.items()))
+        raise UnsupportedError(f"verify cannot check these adapter features yet: {what}; nothing was checked")
     device = resolve_device(opts.device)
     verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
                         check_record=check_record, progress=not quiet)

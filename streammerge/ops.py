@@ -228,8 +228,7 @@ def first_nonfinite(t: torch.Tensor, where_finite: torch.Tensor | None = None, b
     ref = where_finite.reshape(-1) if where_finite is not None else None
     for i in range(0, flat.numel(), block):
         part = flat[i : i + block]
-        lo, hi = torch.aminmax(part)  # propagates NaN, sees +-Inf; no temporary the size of the block
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        if _all_finite(part):
             continue
         bad = ~torch.isfinite(part)
         if ref is not None:
@@ -238,3 +237,10 @@ def first_nonfinite(t: torch.Tensor, where_finite: torch.Tensor | None = None, b
         if hits.numel():
             return i + int(hits[0, 0])
     return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """min and max propagate NaN and hold any ±inf: one pass, no temporary the size of `t`
+    (isfinite(t).all() allocates a mask and is ~10x slower on CPU for half types)."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))

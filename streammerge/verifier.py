@@ -562,6 +562,18 @@ def _fmt_factor(k: float) -> str:
 
 
 CHECKS: dict[str, type[TensorCheck]] = {"copy": BytesCheck, "cast": CastCheck, "merge": LinearLoraCheck}
+PROBED_KINDS = ("lora", "embedding")  # term kinds whose delta is s·B·A (transposed or not)
+
+
+def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
+    """Operations and LoRA term kinds this verifier has no check for yet, with the tensors using them:
+    refusing them beats a check that cannot fail (DoRA rescales rows, so the probe test does not apply)."""
+    out: dict[str, list[str]] = {}
+    for t in plan.tensors:
+        kinds = [t.op] if t.op not in CHECKS else [term.kind for term in t.loras if term.kind not in PROBED_KINDS]
+        for kind in kinds:
+            out.setdefault(kind, []).append(t.name)
+    return out
 
 
 # -------------------------------------------------------------------------------------- OUT folder
@@ -654,7 +666,9 @@ def record_faults(record: dict[str, Any], plan: MergePlan, checkpoint: Checkpoin
                     f"adapter {i} ({adapter.path}): {fname} differs from the one merged (sha256 "
                     f"{str(recorded_digests.get(fname))[:12]}… recorded, {digest[:12]}… given)",
                 ))
-    base_files = sorted({Path(t.source.file).name: Path(t.source.file).stat().st_size for t in plan.tensors}.items())
+    adapter_files = {str(a.weights_file) for a in adapters}
+    base_files = sorted({Path(t.source.file).name: Path(t.source.file).stat().st_size
+                         for t in plan.tensors if t.source.file not in adapter_files}.items())
     rec_base = record.get("base") if isinstance(record.get("base"), dict) else {}
     rec_files = sorted((f.get("name"), f.get("size")) for f in rec_base.get("files", []) if isinstance(f, dict))
     if rec_files != base_files:

@@ -408,3 +408,16 @@ def test_missing_and_unreadable_shards(two_adapters, tmp_path):
     assert {s for k, s in kinds if k == "missing tensor"} == lost
     assert all(("is missing" in f.message or "is unreadable" in f.message) for f in report.faults if f.kind == "missing tensor")
     assert report.checks["merge"]["failed"] == report.checks["copy"]["failed"] == 0
+
+
+def test_verify_refuses_features_it_cannot_check(make_base, make_adapter, tmp_path):
+    """DoRA rescales rows, so the s·B·A probe does not apply: verify says so instead of passing."""
+    import streammerge
+    from streammerge.errors import UnsupportedError
+
+    base = make_base("llama")
+    case = make_adapter(base, use_dora=True, r=4, lora_alpha=8)
+    out = tmp_path / "out"
+    streammerge.merge(base, [case.adapter_path], out)
+    with pytest.raises(UnsupportedError, match="dora"):
+        streammerge.verify(out, base, [case.adapter_path])
