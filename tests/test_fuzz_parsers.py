@@ -16,6 +16,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,14 @@ def _scratch() -> Path:
 # ------------------------------------------------------------------ every open() the process makes
 
 _OPENED: list[str] | None = None
+_RECORDING_THREAD: int | None = None  # opens by other threads (a library's background thread) are not ours
 
 
 def _audit(event: str, args: tuple) -> None:
-    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+    if (
+        _OPENED is not None and event == "open" and threading.get_ident() == _RECORDING_THREAD
+        and isinstance(args[0], (str, bytes, os.PathLike))
+    ):
         _OPENED.append(os.fsdecode(args[0]))
 
 
@@ -49,7 +54,8 @@ sys.addaudithook(_audit)
 
 def _recording(fn, *args):
     """Run fn(*args) and return (result or exception, paths opened meanwhile)."""
-    global _OPENED
+    global _OPENED, _RECORDING_THREAD
+    _RECORDING_THREAD = threading.get_ident()
     _OPENED = []
     try:
         try:
