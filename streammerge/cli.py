@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan = sub.add_parser("plan", help="show what a merge would do, from file headers only")
     _add_merge_options(p_plan)
     p_plan.add_argument("--json", action="store_true", help="print the full plan as JSON")
+    p_plan.add_argument("--out", default=None, help="the output folder a merge would write (for the disk check; "
+                        "an interrupted merge there counts what it has done)")
 
     p_merge = sub.add_parser("merge", help="merge adapters into the base and write OUT")
     _add_merge_options(p_merge)
@@ -93,24 +95,76 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(plan.to_json())
         return 0
-    import shutil
+    from .api import disk_need
 
-    free = shutil.disk_usage(os.getcwd()).free
-    print("\n".join(summary_lines(plan, free_disk=free)))
+    need = disk_need(plan, checkpoint, adapters, args.out or os.getcwd())
+    print("\n".join(summary_lines(plan, disk=need.line())))
     return 0
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set an event the pipeline polls, so the run stops within moments with its
+    journal flushed; a second signal stops at once. Installed for `merge` only (main thread)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        import threading
+
+        self.event = threading.Event()
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __enter__(self) -> "_StopOnSignal":
+        import signal
+
+        for name in self.SIGNALS:
+            num = getattr(signal, name)
+            self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received[0]).name if self.received else "a signal"
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     options = _options(args)
     _quiet_libraries()
     from .api import merge
+    from .errors import Interrupted
 
     quiet = args.quiet or not sys.stderr.isatty()
-    result = merge(
-        args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
-        method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
-        max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-    )
+    report = None if args.quiet else (lambda line: print(line, flush=True))
+    with _StopOnSignal() as stop:
+        try:
+            result = merge(
+                args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet, report=report, cancel=stop.event,
+                method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+            )
+        except Interrupted as exc:
+            exc.exit_code = 128 + stop.received[0] if stop.received else exc.exit_code
+            exc.args = (str(exc).replace("interrupted", f"interrupted by {stop.name()}", 1),)
+            raise
+    if result.already_complete:
+        if not args.quiet:
+            print(f"already complete: {result.out} holds this merge (same inputs and options); nothing to do "
+                  "(--overwrite redoes it)")
+        return 0
     if not args.quiet:
         counts = result.plan.counts()
         print(
@@ -144,8 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory; lower --max-memory", file=sys.stderr)
         return 1
+
+
+def entry() -> None:
+    """The program's entry point: `main()`, except that an interrupted merge exits at once. Its
+    files are closed and its journal synced by then, and tearing down torch, peft and
+    transformers can take seconds that a SIGTERM on a preempted machine does not have."""
+    code = main()
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

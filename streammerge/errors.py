@@ -37,3 +37,15 @@ class ExecutionError(StreamMergeError):
     """Something failed while tensors were being computed or written."""
 
     exit_code = 1
+
+
+class DiskFullError(OutputError):
+    """The output's filesystem ran out of space (ENOSPC / EDQUOT) while writing."""
+
+    exit_code = 1
+
+
+class Interrupted(StreamMergeError):
+    """The run was stopped (SIGINT / SIGTERM) and left resumable."""
+
+    exit_code = 130

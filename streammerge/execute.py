@@ -15,15 +15,16 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 
 from . import ops
-from .errors import ExecutionError, OutputError, PlanError
-from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
+from .errors import DiskFullError, ExecutionError, Interrupted, OutputError, PlanError
+from .io.safetensors import DISK_FULL_ERRNOS, ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
 from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor
 
@@ -142,6 +143,8 @@ class _Pool:
 
 def _put(q: queue.Queue, item, cancelled: threading.Event) -> None:
     while True:
+        if cancelled.is_set():  # checked first: a flowing pipeline must stop promptly too
+            raise _Stop
         try:
             q.put(item, timeout=0.1)
             return
@@ -152,6 +155,8 @@ def _put(q: queue.Queue, item, cancelled: threading.Event) -> None:
 
 def _get(q: queue.Queue, cancelled: threading.Event):
     while True:
+        if cancelled.is_set():
+            raise _Stop
         try:
             return q.get(timeout=0.1)
         except queue.Empty:
@@ -183,7 +188,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Executor:
-    """Runs a validated plan into `out_dir`; shards appear only once complete (`.partial` + rename)."""
+    """Runs a validated plan into `out_dir`; shards appear only once complete (`.partial` + rename).
+
+    Resuming: shards named in `skip` are already complete; a shard in `resume` (an object with
+    `offset`, `done`, `sha256`) continues after its first `done` tensors; shards in `hold` are
+    fsynced but left as NAME.partial for the caller to rename last. `on_tensor_done(shard, tensor,
+    crc32)` runs (writer thread) once a tensor's bytes are written; `on_shard_done(filename, size,
+    sha256)` once a shard is committed. `cancel_event` (or `cancel()`) stops the run promptly.
+    """
 
     def __init__(
         self,
@@ -192,17 +204,27 @@ class Executor:
         *,
         device: torch.device,
         progress: bool = False,
-        on_tensor_done: Callable[[OutputTensor], None] | None = None,
+        on_tensor_done: Callable[[OutputShard, OutputTensor, int], None] | None = None,
+        on_shard_done: Callable[[str, int, str], None] | None = None,
+        skip: Collection[str] = (),
+        resume: Mapping[str, Any] | None = None,
+        hold: Collection[str] = (),
+        cancel_event: threading.Event | None = None,
     ):
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
         self.progress = progress
         self.on_tensor_done = on_tensor_done
+        self.on_shard_done = on_shard_done
+        self.skip = frozenset(skip)
+        self.resume = dict(resume or {})
+        self.hold = frozenset(hold)
         self.layout = plan_layout(plan)
-        self._cancelled = threading.Event()
+        self._cancelled = cancel_event if cancel_event is not None else threading.Event()
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
+        self._finished = False
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -226,8 +248,11 @@ class Executor:
     def _reader(self, pool: _Pool, out_q: queue.Queue) -> None:
         try:
             for shard in self.plan.shards:
-                _put(out_q, ("open", shard), self._cancelled)
-                for tensor in shard.tensors:
+                if shard.filename in self.skip:
+                    continue
+                point = self.resume.get(shard.filename)
+                _put(out_q, ("open", shard, point), self._cancelled)
+                for tensor in shard.tensors[point.done if point is not None else 0:]:
                     src = tensor.source
                     row_bytes = _rows_and_width(src.shape)[1] * ITEMSIZE[src.dtype]
                     for chunk in chunks_of(tensor, self.layout, self.plan.options.max_chunk_rows):
@@ -248,18 +273,26 @@ class Executor:
 
     def _writer(self, in_q: queue.Queue, stats: RunStats, bar) -> None:
         writer: ShardWriter | None = None
+        shard: OutputShard | None = None
+        crc = 0  # crc32 of the tensor being written, for the journal
         try:
             while (item := _get(in_q, self._cancelled)) is not None:
                 kind = item[0]
                 if kind == "open":
-                    shard: OutputShard = item[1]
+                    shard, point = item[1], item[2]
                     header, _ = build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
-                    writer = ShardWriter(self.out_dir / shard.filename, header, shard.size)
+                    path = self.out_dir / shard.filename
+                    if point is None:
+                        writer = ShardWriter(path, header, shard.size)
+                    else:
+                        writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
+                    crc = 0
                     if bar is not None:
-                        bar.update(len(header))
+                        bar.update(writer.position)
                 elif kind == "data":
                     _, data, release = item
                     writer.write(data)
+                    crc = zlib.crc32(data, crc)
                     release()
                     stats.bytes_written += len(data)
                     if bar is not None:
@@ -267,20 +300,25 @@ class Executor:
                 elif kind == "tensor":
                     stats.tensors_done += 1
                     if self.on_tensor_done is not None:
-                        self.on_tensor_done(item[1])
+                        self.on_tensor_done(shard, item[1], crc)
+                    crc = 0
                 elif kind == "close":
-                    sha = writer.commit()
-                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
+                    sha = writer.commit(rename=item[1].filename not in self.hold)
                     writer = None
+                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
+                    if self.on_shard_done is not None:
+                        self.on_shard_done(item[1].filename, item[1].size, sha)
+            self._finished = True
         except _Stop:
             pass
         except OSError as exc:
-            self._fail(OutputError(f"writing {self.out_dir}: {exc.strerror or exc}"))
+            cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else OutputError
+            self._fail(cls(f"writing {self.out_dir}: {exc.strerror or exc}"))
         except BaseException as exc:
             self._fail(exc)
         finally:
             if writer is not None:
-                writer.close()
+                writer.close(sync=True)  # what was written stays, for the next run to verify and keep
 
     # -- compute (calling thread)
 
@@ -314,6 +352,8 @@ class Executor:
         return out_len
 
     def run(self) -> RunStats:
+        if self._cancelled.is_set():
+            raise Interrupted("interrupted before the first tensor")
         _fix_malloc_threshold()
         stats = RunStats()
         start = time.perf_counter()
@@ -327,7 +367,7 @@ class Executor:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.plan.file_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
+            bar = tqdm(total=self.plan.file_bytes, initial=sum(s.size for s in self.plan.shards if s.filename in self.skip), unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
                        file=sys.stderr, dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
@@ -367,5 +407,7 @@ class Executor:
             self._fds.clear()
         if self._errors:
             raise self._errors[0]
+        if not self._finished:
+            raise Interrupted(f"interrupted after {stats.tensors_done} more tensor(s)")
         stats.seconds = time.perf_counter() - start
         return stats
