@@ -159,7 +159,7 @@ def merge(
             by_name = {f.filename: {"filename": f.filename, "size": f.size, "sha256": f.sha256} for f in resume.finished.values()}
             by_name.update({s.filename: {"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards})
             shards = [by_name[s.filename] for s in the_plan.shards]
-            record = _record(the_plan, loaded, shards, copied, device)
+            record = _record(the_plan, loaded, shards, copied, device, [a["files"] for a in fp["adapters"]])
             record["fingerprint"] = fp
             _commit(out, the_plan, record)
             run.finish()
@@ -254,7 +254,8 @@ def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device) -> dict[str, Any]:
+def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device,
+            adapter_digests: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """streammerge.json: what was merged, from what, how, and the checksums of what was written."""
     import peft
     import safetensors
@@ -264,7 +265,10 @@ def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied
         "streammerge_version": __version__,
         "method": plan.options.method,
         "base": {"path": plan.base, "files": [{"name": Path(f).name, "size": Path(f).stat().st_size} for f in sorted({t.source.file for t in plan.tensors})]},
-        "adapters": [{"path": str(a.path), "weight": a.weight, "files": a.file_digests()} for a in adapters],
+        "adapters": [
+            {"path": str(a.path), "weight": a.weight, "files": adapter_digests[i] if adapter_digests else a.file_digests()}
+            for i, a in enumerate(adapters)
+        ],
         "options": plan.options.to_dict(),
         "device": str(device),
         "tensors": plan.counts(),

@@ -57,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--out", default=None, help="the output folder a merge would write (for the disk check; "
                         "an interrupted merge there counts what it has done)")
 
-    p_merge = sub.add_parser("merge", help="merge adapters into the base and write OUT")
+    p_merge = sub.add_parser(
+        "merge", help="merge adapters into the base and write OUT",
+        description="Merge adapters into the base and write OUT. Crash-safe: if the merge is killed or "
+                    "interrupted, running the same command again resumes it (finished tensors are verified "
+                    "and kept); on a finished OUT it reports 'already complete'.",
+    )
     _add_merge_options(p_merge)
     p_merge.add_argument("--out", required=True, help="output folder")
-    p_merge.add_argument("--overwrite", action="store_true", help="replace an existing, different output in OUT")
+    p_merge.add_argument("--overwrite", action="store_true",
+                         help="replace what OUT holds (a different output, or an interrupted merge) and start over")
     p_merge.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
     p_demo = sub.add_parser("demo", help="build a small model + adapter, merge it, check it against PEFT")

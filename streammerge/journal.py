@@ -19,7 +19,6 @@ crc32 compared, so a record that reached the disk before its data did is simply 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +36,11 @@ from .io.output import RECORD_FILE, atomic_write_json
 from .io.safetensors import TensorSpec, build_header, fsync_dir, release_cache
 from .options import MergeOptions, format_size
 from .planner import SHARD_METADATA, MergePlan, OutputShard
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no folder lock
+    fcntl = None
 
 STATE_DIR = ".streammerge"
 PLAN_FILE = "plan.json"
@@ -155,14 +159,17 @@ class OutputLock:
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        self._fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+        self._fd = -1
+        if fcntl is None:
+            return
+        self._fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(self._fd)
             self._fd = -1
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"cannot lock --out {self.out}: {exc.strerror or exc}") from None
+                return  # a filesystem without locks (some network mounts): run unprotected, as before
             pid = self.holder()
             who = f"another streammerge merge (pid {pid})" if pid else "another streammerge merge"
             raise OutputError(
@@ -290,6 +297,7 @@ class ResumeState:
     finished: dict[str, FinishedShard] = field(default_factory=dict)
     partial: dict[str, ShardResume] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)  # verified, in plan order
+    stale: list[Path] = field(default_factory=list)  # NAME.partial left beside a verified final shard
     tensors_done: int = 0
     seconds: float = 0.0
 
@@ -363,6 +371,8 @@ def verify(out: Path, plan: MergePlan, records: list[dict[str, Any]], cancel=Non
                 if commit is not None and commit.get("sha256") != digest:
                     continue  # the crc32s agree but the whole-file digest does not: trust neither
                 state.finished[shard.filename] = FinishedShard(shard.filename, shard.size, digest, path)
+                if path == final and partial_path(final).exists():
+                    state.stale.append(partial_path(final))  # it must never be renamed over the good one
             elif done and path != final:
                 state.partial[shard.filename] = ShardResume(offset, done, sha)
             else:
@@ -436,6 +446,8 @@ class Run:
             atomic_write_json(folder / FINGERPRINT_FILE, self.fp)
         else:
             rewrite_records(folder / JOURNAL_FILE, self.resume.records)
+            for path in self.resume.stale:
+                path.unlink(missing_ok=True)
             atomic_write_json(folder / PLAN_FILE, self.plan.to_dict())  # input paths may have moved
         self.journal = Journal(folder / JOURNAL_FILE)
 
