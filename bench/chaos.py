@@ -138,7 +138,7 @@ def timed_reference(cmd: list[str], out: Path) -> tuple[float, float]:
     t_journal = t_end = None
     while proc.poll() is None:
         state = (out / ".streammerge").exists()
-        if t_journal is None and state:
+        if t_journal is None and writing(out, proc.pid):
             t_journal = time.monotonic()
         if t_journal is not None and t_end is None and not state:  # done (the process may still be exiting)
             t_end = time.monotonic()
@@ -150,15 +150,23 @@ def timed_reference(cmd: list[str], out: Path) -> tuple[float, float]:
     return t_journal - t0, t_end - t_journal
 
 
+def writing(out: Path, pid: int) -> bool:
+    """The merge `pid` has taken the folder and begins writing (it notes its pid once its state is ready)."""
+    try:
+        return int((out / ".streammerge" / "lock").read_text().split()[0]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def kill_at(cmd: list[str], out: Path, delay: float, ref: dict[str, str], total: int) -> dict:
     """Start the merge, wait until it begins writing, then `delay` seconds; freeze, look, kill."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not (out / ".streammerge").exists() and not (out / RECORD).exists():
+    while proc.poll() is None and not writing(out, proc.pid):
         time.sleep(0.002)
     time.sleep(delay)
     if proc.poll() is not None:
         proc.communicate()
-        return {"phase": "after the end", "ok": proc.returncode == 0, "tensors": total}
+        return {"phase": "after it ended", "ok": proc.returncode == 0, "tensors": total}
     os.kill(proc.pid, signal.SIGSTOP)
     names = set(os.listdir(out))
     tensors = journal_tensors(out)
@@ -175,7 +183,7 @@ def kill_at(cmd: list[str], out: Path, delay: float, ref: dict[str, str], total:
     if ".streammerge" not in names and RECORD not in names:
         phase = "before the journal"
     elif ".streammerge" not in names:
-        phase = "after completion"
+        phase = "after completion (exiting)"
     elif INDEX in names:
         phase = "after the index"
     elif RECORD in names:
@@ -188,6 +196,7 @@ def kill_at(cmd: list[str], out: Path, delay: float, ref: dict[str, str], total:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--time-limit", type=float, default=280, help="start no new trial after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
@@ -211,7 +220,12 @@ def main() -> int:
           f"{startup:.1f} s to start, {writing:.1f} s writing")
 
     passed, phases = 0, {}
+    trials = 0
     for trial in range(1, args.trials + 1):
+        if time.monotonic() - started > args.time_limit:
+            print(f"time limit reached after {trials} trials")
+            break
+        trials += 1
         out = args.work / "trial"
         shutil.rmtree(out, ignore_errors=True)
         cmd = command(base, lora, out, args)
@@ -226,14 +240,15 @@ def main() -> int:
         said = next((l for l in res.stdout.splitlines() if l.startswith(("resumed:", "already complete"))), "started over")
         ok &= identical
         passed += ok
-        desc = ", ".join(f"killed {k['phase']} ({k['tensors']}/{total} tensors journaled)" for k in kills)
+        desc = ", ".join(f"killed {k['phase']}" + (f" ({k['tensors']}/{total} tensors journaled)" if k["phase"] == "mid-run" else "")
+                         for k in kills)
         said = said.split(" (")[0].split(";")[0]
         print(f"trial {trial:2d}: {desc} -> re-run ({said}) {'byte-identical' if identical else 'DIFFERENT: ' + res.stderr.strip()}"
               f"{'' if ok else ' (invariant broken at a kill)'}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    print(f"{passed}/{args.trials} resumed byte-identical "
+    print(f"{passed}/{trials} resumed byte-identical "
           f"(kills: {', '.join(f'{n} {ph}' for ph, n in sorted(phases.items()))}; {time.monotonic() - started:.0f} s)")
-    return 0 if passed == args.trials else 1
+    return 0 if passed == trials else 1
 
 
 if __name__ == "__main__":

@@ -118,8 +118,9 @@ def merge(
     `cancel` stops the run promptly, leaving it resumable (raises `Interrupted`).
     """
     from . import journal as jr
-    from .execute import Executor, resolve_device
+    from .execute import Executor, _fix_malloc_threshold, resolve_device
 
+    _fix_malloc_threshold()  # before hashing inputs: their read blocks must not raise glibc's dynamic threshold
     say = report or (lambda message: None)
     opts = MergeOptions.create(**options)
     started = time.perf_counter()

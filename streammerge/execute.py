@@ -274,7 +274,6 @@ class Executor:
     def _writer(self, in_q: queue.Queue, stats: RunStats, bar) -> None:
         writer: ShardWriter | None = None
         shard: OutputShard | None = None
-        crc = 0  # crc32 of the tensor being written, for the journal
         try:
             while (item := _get(in_q, self._cancelled)) is not None:
                 kind = item[0]
@@ -286,13 +285,11 @@ class Executor:
                         writer = ShardWriter(path, header, shard.size)
                     else:
                         writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
-                    crc = 0
                     if bar is not None:
                         bar.update(writer.position)
                 elif kind == "data":
                     _, data, release = item
                     writer.write(data)
-                    crc = zlib.crc32(data, crc)
                     release()
                     stats.bytes_written += len(data)
                     if bar is not None:
@@ -300,8 +297,7 @@ class Executor:
                 elif kind == "tensor":
                     stats.tensors_done += 1
                     if self.on_tensor_done is not None:
-                        self.on_tensor_done(shard, item[1], crc)
-                    crc = 0
+                        self.on_tensor_done(shard, item[1], item[2])
                 elif kind == "close":
                     sha = writer.commit(rename=item[1].filename not in self.hold)
                     writer = None
@@ -374,6 +370,8 @@ class Executor:
         reader.start()
         writer.start()
         terms = None
+        crc = 0  # crc32 of the tensor's output bytes, for the journal: computed here, in chunk order, so
+        # that the writer thread (already hashing the shard with sha256) is not slowed down by it
         try:
             while (item := _get(read_q, self._cancelled)) is not None:
                 if item[0] != "chunk":
@@ -381,6 +379,7 @@ class Executor:
                     continue
                 _, chunk, buf, length = item
                 if chunk.tensor.op == "copy":  # bytes as they are: hand the read buffer to the writer
+                    crc = zlib.crc32(memoryview(buf)[:length], crc)
                     _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
                 else:
                     if chunk.first and chunk.tensor.op == "merge":
@@ -388,10 +387,12 @@ class Executor:
                     out_buf = write_pool.take()
                     out_len = self._compute_into(chunk, buf, length, out_buf, terms, tiles)
                     read_pool.give(buf)
+                    crc = zlib.crc32(memoryview(out_buf)[:out_len], crc)
                     _put(write_q, ("data", memoryview(out_buf)[:out_len], lambda b=out_buf: write_pool.give(b)), self._cancelled)
                 if chunk.last:
                     terms = None
-                    _put(write_q, ("tensor", chunk.tensor), self._cancelled)
+                    _put(write_q, ("tensor", chunk.tensor, crc), self._cancelled)
+                    crc = 0
             _put(write_q, None, self._cancelled)
         except _Stop:
             pass
