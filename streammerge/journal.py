@@ -301,9 +301,6 @@ class ResumeState:
     tensors_done: int = 0
     seconds: float = 0.0
 
-    def bytes_done(self, plan: MergePlan) -> int:
-        return sum(s.size for s in plan.shards if s.filename in self.finished) + sum(p.offset for p in self.partial.values())
-
 
 def _shard_header(shard: OutputShard) -> bytes:
     return build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)[0]
