@@ -90,9 +90,11 @@ def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | P
     elif out.is_dir() and (record := jr.read_record(out)) is not None:
         old = record.get("fingerprint")
         committed = {s.filename for s in plan.shards}
-    if isinstance(old, dict) and not jr.differences(old, jr.fingerprint(checkpoint, adapters, plan.options, old.get("device"))):
+    ours = isinstance(old, dict) and not jr.differences(old, jr.fingerprint(checkpoint, adapters, plan.options, old.get("device")))
+    if ours:
         finished = committed
-    return jr.disk_need(plan, out, finished=finished, extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
+    return jr.disk_need(plan, out, finished=finished, ours=ours,
+                        extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
 
 
 def peak_rss_bytes() -> int:

@@ -542,16 +542,18 @@ def _allocated(path: Path, cap: int) -> int:
 
 
 def disk_need(plan: MergePlan, out: Path, *, finished: Iterable[str] = (), extra_bytes: int = 0,
-              usage: Callable[[Path], Any] | None = None) -> DiskNeed:
+              ours: bool = True, usage: Callable[[Path], Any] | None = None) -> DiskNeed:
     """Space the rest of the merge needs: unfinished shards (less what their files already hold
-    on disk) plus `extra_bytes` (config, tokenizer), with the largest shard as headroom."""
+    on disk, when `ours`: they belong to this merge) plus `extra_bytes` (config, tokenizer), with
+    the largest shard as headroom."""
     done = set(finished)
     to_write = extra_bytes
     for shard in plan.shards:
         if shard.filename in done:
             continue
         # A final-named file of an unfinished shard is replaced only at rename: its space is not reusable.
-        to_write += shard.size - _allocated(partial_path(Path(out) / shard.filename), shard.size)
+        held = _allocated(partial_path(Path(out) / shard.filename), shard.size) if ours else 0
+        to_write += shard.size - held
     where = _existing_ancestor(Path(out))
     headroom = max((s.size for s in plan.shards), default=0)
     return DiskNeed(max(to_write, 0), headroom, (usage or shutil.disk_usage)(where).free, where)
