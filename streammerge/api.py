@@ -6,17 +6,22 @@ import dataclasses
 import os
 import platform
 import resource
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .adapters import Adapter, check_finite, load_adapter
-from .errors import InputError, OptionError, OutputError, StreamMergeWarning
+from .errors import DiskFullError, InputError, Interrupted, OptionError, OutputError, StreamMergeWarning
+from .io.checkpoint import INDEX_FILE
 from .io.hub import adapter_folder, open_base
-from .io.output import RECORD_FILE, atomic_write_json, copy_other_files, merged_config, prepare_output, write_index
+from .io.output import (
+    RECORD_FILE, atomic_write_json, check_output_path, clear_folder, copy_other_files, merged_config, write_index,
+)
+from .io.safetensors import DISK_FULL_ERRNOS, fsync_dir
 from .options import AdapterSpec, MergeOptions
 from .planner import MergePlan, build_adapter_plan, build_plan
 
@@ -32,6 +37,11 @@ class MergeResult:
     shards: list[dict[str, Any]]
     pushed: str | None = None  # commit URL when --push-to-hub was given
     gguf: Any = None  # the GGUFPlan, for --method gguf
+    resumed_tensors: int = 0  # tensors kept (verified) from an interrupted run in OUT
+    already_complete: bool = False  # OUT already held this exact merge; nothing was written
+
+    def resumed_line(self) -> str:
+        return f"resumed: {self.resumed_tensors}/{len(self.plan.tensors)} tensors already done"
 
 
 def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterSpec]:
@@ -136,6 +146,27 @@ def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **option
     return _prepare(base, adapters, opts)[2]
 
 
+def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | Path):
+    """Free space against what a merge into `out` still has to write (for `streammerge plan`):
+    shards an interrupted or finished merge of the same inputs there has committed count as done."""
+    from . import journal as jr
+
+    out = Path(out)
+    finished: set[str] = set()
+    old = None
+    if out.is_dir() and jr.has_valid_state(out):
+        old = jr.read_state_json(jr.state_dir(out) / jr.FINGERPRINT_FILE)
+        committed = {r.get("shard") for r in jr.read_records(jr.state_dir(out) / jr.JOURNAL_FILE) if r["t"] == "shard"}
+    elif out.is_dir() and (record := jr.read_record(out)) is not None:
+        old = record.get("fingerprint")
+        committed = {s.filename for s in plan.shards}
+    ours = isinstance(old, dict) and not jr.differences(old, jr.fingerprint(checkpoint, adapters, plan.options, old.get("device")))
+    if ours:
+        finished = committed
+    return jr.disk_need(plan, out, finished=finished, ours=ours,
+                        extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -151,15 +182,23 @@ def merge(
     push_to_hub: str | None = None,
     private: bool | None = None,
     push_revision: str | None = None,
+    report: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge `adapters` into `base` and write the result to `out` (see DESIGN.md, Output folder).
+
+    Crash-safe: an interrupted merge of the same inputs and options in `out` is resumed (its
+    journaled tensors verified and kept, only the inputs of the rest read or downloaded); a
+    finished one is left alone (`already_complete`). `report` receives one-line progress notes
+    ("resumed: 41/72 tensors already done"); setting `cancel` stops the run promptly, leaving it
+    resumable (raises `Interrupted`).
 
     A Hub base is downloaded shard by shard while merging; `low_disk` evicts the shards this run
     downloaded once merged and, with `push_to_hub`, uploads and deletes each output shard as it is
     finished. `push_to_hub="org/name"` uploads the result with a model card (`private`, `push_revision`).
     """
-    from .execute import Executor, resolve_device
+    from . import journal as jr
     from .hub_run import HubRun
 
     opts = MergeOptions.create(**options)
@@ -173,48 +212,180 @@ def merge(
         from .gguf.api import merge_gguf
 
         return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet)
+    say = report or (lambda message: None)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
-    from .execute import Executor, resolve_device  # after the checks: a bad input is refused without torch
+    from .execute import Executor, _fix_malloc_threshold, resolve_device  # after the checks: a bad input is refused without torch
+
+    _fix_malloc_threshold()  # before reading inputs: their read blocks must not raise glibc's dynamic threshold
     if not opts.allow_nonfinite:
         for adapter in loaded:
             check_finite(adapter)  # adapters are small: read them once before anything is written
     device = resolve_device(opts.device)
     out = Path(out)
-    prepare_output(out, overwrite=overwrite, protected=[checkpoint.root, *(a.path for a in loaded)])
-    hub = HubRun(checkpoint, the_plan, out, low_disk=low_disk, push_to_hub=push_to_hub, private=private,
-                 revision=push_revision, quiet=quiet)
-    hub.check_disk_space()  # output (and downloads, for a Hub base) against free space
-    hub.prepare_push()  # create the target repo now: a token problem fails before the merge
+    check_output_path(out, protected=[checkpoint.root, *(a.path for a in loaded)])
+    fp = jr.fingerprint(checkpoint, loaded, opts, device.type)
+    _check_cancel(cancel)
+    with jr.OutputLock(out) as lock:
+        run = _open_run(out, the_plan, fp, overwrite=overwrite, cancel=cancel)
+        if isinstance(run, MergeResult):  # OUT already holds this merge
+            if push_to_hub:  # e.g. the push of the earlier run failed: push what is here
+                pusher = HubRun(checkpoint, the_plan, out, push_to_hub=push_to_hub, private=private, revision=push_revision)
+                pusher.prepare_push()
+                run.pushed = pusher.push(jr.read_record(out))
+            run.seconds = time.perf_counter() - started
+            return run
+        resume = run.resume
+        done = frozenset(t.name for s in the_plan.shards if s.filename in resume.finished for t in s.tensors) | frozenset(
+            t.name for s in the_plan.shards if s.filename in resume.partial for t in s.tensors[: resume.partial[s.filename].done])
+        hub = HubRun(checkpoint, the_plan, out, low_disk=low_disk, push_to_hub=push_to_hub, private=private,
+                     revision=push_revision, quiet=quiet, done=done, on_uploaded=run.shard_pushed)
+        others = checkpoint.other_files()
+        if hub.inputs is not None:
+            hub.check_disk_space()  # output and downloads, per filesystem
+        else:
+            need = jr.disk_need(the_plan, out, finished=resume.finished, extra_bytes=_small_files_bytes(checkpoint, others))
+            if not need.ok:
+                raise OutputError(f"not enough disk space for --out {out}: {need.line()}; free space or choose another --out")
+        hub.prepare_push()  # create the target repo now: a token problem fails before the merge
+        for note in the_plan.notes:
+            if note.startswith("WARNING"):
+                warnings.warn(note, StreamMergeWarning, stacklevel=2)
+        try:
+            run.begin()
+            lock.note_pid()
+            if resume.tensors_done:
+                say(f"resumed: {resume.tensors_done}/{len(the_plan.tensors)} tensors already done "
+                    f"(verified against the journal in {resume.seconds:.1f} s)")
+            if opts.method == "lora":
+                copied = _write_adapter_files(loaded[0], out)
+            else:
+                copied = copy_other_files(others, out)
+                config = merged_config(checkpoint.config, opts.dtype, the_plan.quantization_config)
+                if config is not None:
+                    if the_plan.untied:
+                        from .model_info import untied_config
 
-    for note in the_plan.notes:
-        if note.startswith("WARNING"):
-            warnings.warn(note, StreamMergeWarning, stacklevel=2)
-    if opts.method == "lora":
-        copied = _write_adapter_files(loaded[0], out)
-    else:
-        copied = copy_other_files(checkpoint.other_files(), out)
-        config = merged_config(checkpoint.config, opts.dtype, the_plan.quantization_config)
-        if config is not None:
-            if the_plan.untied:
-                from .model_info import untied_config
+                        config = untied_config(config)
+                    atomic_write_json(out / "config.json", config)
+            _check_cancel(cancel)
+            last = the_plan.shards[-1].filename
 
-                config = untied_config(config)
-            atomic_write_json(out / "config.json", config)
-    executor = Executor(the_plan, out, device=device, progress=not quiet, inputs=hub.inputs,
-                        on_shard_done=hub.on_shard_done)
-    stats = executor.run()
-    the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)
-    hub.shards_done()
+            def shard_done(filename: str, size: int, sha256: str) -> None:
+                run.shard_done(filename, size, sha256)
+                if hub.upload_shard is not None:
+                    hub.upload_shard(filename, out / (filename + ".partial" if filename == last else filename))
 
-    if len(the_plan.shards) > 1:
-        write_index(out, the_plan.total_size, {t.name: s.filename for s in the_plan.shards for t in s.tensors})
-    shards = [{"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards]
-    record = _record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint)
-    record.update(hub.record())
-    atomic_write_json(out / RECORD_FILE, record)
+            executor = Executor(
+                the_plan, out, device=device, progress=not quiet, inputs=hub.inputs, resume=resume, hold={last},
+                on_shard_open=run.shard_open, on_tensor_done=run.tensor_done, on_shard_done=shard_done,
+                cancel_event=cancel,
+            )
+            stats = executor.run()
+            the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)
+            hub.shards_done()
+            by_name = {f.filename: {"filename": f.filename, "size": f.size, "sha256": f.sha256} for f in resume.finished.values()}
+            by_name.update({s.filename: {"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards})
+            shards = [by_name[s.filename] for s in the_plan.shards]
+            record = _record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint,
+                             adapter_digests=[a["files"] for a in fp["adapters"]])
+            record.update(hub.record())
+            record["fingerprint"] = fp
+            _commit(out, the_plan, record)
+            run.finish()
+        except Interrupted:
+            raise Interrupted(
+                f"interrupted with {run.tensors_done}/{len(the_plan.tensors)} tensors done and journaled in "
+                f"{jr.state_dir(out)}; re-run the same command to resume"
+            ) from None
+        except (DiskFullError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in DISK_FULL_ERRNOS:
+                raise OutputError(f"writing {out}: {exc.strerror or exc}; re-run the same command to resume") from None
+            cause = exc.strerror if isinstance(exc, OSError) else str(exc)
+            need = jr.disk_need(the_plan, out, finished=run.committed)
+            raise DiskFullError(
+                f"no space left on the device of --out {out} ({cause}); {run.tensors_done}/{len(the_plan.tensors)} "
+                f"tensors are done and journaled; the rest {need.line()}; free space and re-run the same command to resume"
+            ) from None
+        finally:
+            run.close()
     pushed = hub.push(record)
-    return MergeResult(out, the_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed)
+    return MergeResult(out, the_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed,
+                       resumed_tensors=resume.tensors_done)
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Interrupted("interrupted before writing started")
+
+
+def _small_files_bytes(checkpoint, others: list[Path]) -> int:
+    config = checkpoint.root / "config.json"
+    return sum(p.stat().st_size for p in others) + (config.stat().st_size + 4096 if config.exists() else 0)
+
+
+def _open_run(out: Path, plan: MergePlan, fp: dict[str, Any], *, overwrite: bool, cancel):
+    """What OUT holds decides: resume an interrupted run, report a finished one, or start fresh."""
+    from . import journal as jr
+
+    if overwrite and any(out.iterdir()):
+        clear_folder(out)
+    if jr.has_valid_state(out):
+        return jr.Run.reopen(out, plan, fp, cancel)
+    record = jr.read_record(out)
+    if record is not None:
+        old = record.get("fingerprint")
+        diff = jr.differences(old, fp) if isinstance(old, dict) else ["it was not made by this streammerge version"]
+        if not diff and _complete(out, plan, record):
+            jr.remove_state(jr.state_dir(out))  # a run killed while removing its state folder
+            return MergeResult(out, plan, 0.0, peak_rss_bytes(), record.get("shards", []),
+                               resumed_tensors=len(plan.tensors), already_complete=True)
+        why = "; ".join(diff) if diff else "some of its files are missing or have the wrong size"
+        raise OutputError(f"--out {out} holds a finished merge that differs ({why}); pass --overwrite to replace it")
+    names = {p.name for p in out.iterdir()}
+    if names == {jr.STATE_DIR}:  # killed while creating its state: nothing was written yet
+        jr.remove_state(jr.state_dir(out))
+        names = set()
+    if names:
+        raise OutputError(f"--out {out} already holds files; choose an empty folder or pass --overwrite to replace it")
+    return jr.Run.start(out, plan, fp)
+
+
+def _complete(out: Path, plan: MergePlan, record: dict[str, Any]) -> bool:
+    """A finished folder still holds every shard of the record at its size (and the index)."""
+    shards = record.get("shards")
+    if not isinstance(shards, list) or [s.get("filename") for s in shards] != [s.filename for s in plan.shards]:
+        return False
+    if (record.get("push") or {}).get("shards_removed_locally"):
+        return True  # --low-disk --push-to-hub: the shards are on the Hub, not here
+    for entry, shard in zip(shards, plan.shards):
+        path = out / shard.filename
+        if not path.is_file() or path.stat().st_size != entry.get("size"):  # (4-bit layouts resolve at run time)
+            return False
+    return len(plan.shards) == 1 or (out / INDEX_FILE).is_file()
+
+
+def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
+    """Make the folder a finished model, in an order where a kill at any instant leaves it either
+    resumable or complete: shards renamed, then streammerge.json, then what makes it loadable
+    (the last shard's final name; the index, last of all, when there are several shards)."""
+    from .journal import partial_path
+
+    def rename(shard) -> None:
+        final = out / shard.filename
+        if partial_path(final).exists():
+            os.replace(partial_path(final), final)
+            fsync_dir(out)
+
+    for shard in plan.shards[:-1]:
+        rename(shard)
+    atomic_write_json(out / RECORD_FILE, record)
+    rename(plan.shards[-1])
+    if len(plan.shards) > 1:
+        write_index(out, plan.total_size, {t.name: s.filename for s in plan.shards for t in s.tensors})
+    for name in ("config.json", RECORD_FILE, INDEX_FILE):  # temp files of writes a kill interrupted
+        for leftover in out.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:
@@ -274,7 +445,8 @@ def verify(
     return report
 
 
-def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device, checkpoint=None) -> dict[str, Any]:
+def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device, checkpoint=None,
+            adapter_digests: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """streammerge.json: what was merged, from what, how, and the checksums of what was written."""
     import peft
     import safetensors
@@ -292,8 +464,9 @@ def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied
         "method": plan.options.method,
         "base": base,
         "adapters": [
-            {"path": str(a.path), "weight": a.weight, "files": a.file_digests(), **({"hub": h} if (h := hub_origin(a.path)) else {})}
-            for a in adapters
+            {"path": str(a.path), "weight": a.weight, "files": adapter_digests[i] if adapter_digests else a.file_digests(),
+             **({"hub": h} if (h := hub_origin(a.path)) else {})}
+            for i, a in enumerate(adapters)
         ],
         "options": plan.options.to_dict(),
         "device": str(device),

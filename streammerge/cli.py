@@ -74,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan = sub.add_parser("plan", help="show what a merge would do, from file headers only")
     _add_merge_options(p_plan)
     p_plan.add_argument("--json", action="store_true", help="print the full plan as JSON")
+    p_plan.add_argument("--out", default=None, help="the output folder a merge would write (for the disk check; "
+                        "an interrupted merge there counts what it has done)")
 
-    p_merge = sub.add_parser("merge", help="merge adapters into the base and write OUT")
+    p_merge = sub.add_parser(
+        "merge", help="merge adapters into the base and write OUT",
+        description="Merge adapters into the base and write OUT. Crash-safe: if the merge is killed or "
+                    "interrupted, running the same command again resumes it (finished tensors are verified "
+                    "and kept); on a finished OUT it reports 'already complete'.",
+    )
     _add_merge_options(p_merge)
     p_merge.add_argument("--out", required=True, help="output folder")
-    p_merge.add_argument("--overwrite", action="store_true", help="replace an existing, different output in OUT")
+    p_merge.add_argument("--overwrite", action="store_true",
+                         help="replace what OUT holds (a different output, or an interrupted merge) and start over")
     p_merge.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p_merge.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="upload the result to this Hub repo (created if needed)")
     p_merge.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
@@ -141,10 +149,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(plan.to_json())
         return 0
-    import shutil
+    from .api import disk_need
 
-    free = shutil.disk_usage(os.getcwd()).free
-    print("\n".join(summary_lines(plan, free_disk=free)))
+    need = disk_need(plan, checkpoint, adapters, args.out or os.getcwd())
+    print("\n".join(summary_lines(plan, disk=need.line())))
     from .io.hub import HubCheckpoint
 
     if isinstance(checkpoint, HubCheckpoint):
@@ -152,6 +160,45 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         print("\n".join(disk_estimate(checkpoint, plan, low_disk=args.low_disk).lines()))
     return 0
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set an event the pipeline polls, so the run stops within moments with its
+    journal flushed; a second signal stops at once. Installed for `merge` only (main thread)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        import threading
+
+        self.event = threading.Event()
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __enter__(self) -> "_StopOnSignal":
+        import signal
+
+        for name in self.SIGNALS:
+            num = getattr(signal, name)
+            self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received[0]).name if self.received else "a signal"
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -164,17 +211,33 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # downloads of a Hub base stay silent too
     if (args.private or args.revision) and not args.push_to_hub:
         raise OptionError("--private and --revision only apply with --push-to-hub ORG/NAME")
-    with warnings.catch_warnings():
+    from .errors import Interrupted
+
+    report = None if args.quiet else (lambda line: print(line, flush=True))
+    with warnings.catch_warnings(), _StopOnSignal() as stop:
         _show_our_warnings()
-        result = merge(
-            args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet,
-            low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private, push_revision=args.revision,
-            method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
-            max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-            allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
-            quant_type=options.quant_type, blocksize=options.blocksize, double_quant=options.double_quant,
-            base_roundtrip=options.base_roundtrip,
-        )
+        try:
+            result = merge(
+                args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet, report=report,
+                cancel=stop.event, low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private,
+                push_revision=args.revision,
+                method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+                allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
+                quant_type=options.quant_type, blocksize=options.blocksize, double_quant=options.double_quant,
+                base_roundtrip=options.base_roundtrip,
+            )
+        except Interrupted as exc:
+            exc.exit_code = 128 + stop.received[0] if stop.received else exc.exit_code
+            exc.args = (str(exc).replace("interrupted", f"interrupted by {stop.name()}", 1),)
+            raise
+    if getattr(result, "already_complete", False):
+        if not args.quiet:
+            print(f"already complete: {result.out} holds this merge (same inputs and options); nothing to do "
+                  "(--overwrite redoes it)")
+            if result.pushed:
+                print(f"pushed to {args.push_to_hub}: {result.pushed}")
+        return 0
     if not args.quiet and options.method == "gguf":
         from .gguf.api import result_line
 
@@ -268,3 +331,15 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
     detail = " ".join(str(exc).split())
     detail = f": {detail[:300]}" if detail else ""
     return f"unexpected {type(exc).__name__}{detail}; re-run with --debug to see the traceback", 1
+
+
+def entry() -> None:
+    """The program's entry point: `main()`, except that an interrupted merge exits at once. Its
+    files are closed and its journal synced by then, and tearing down torch, peft and
+    transformers can take seconds that a SIGTERM on a preempted machine does not have."""
+    code = main()
+    if code >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

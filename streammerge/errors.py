@@ -41,3 +41,15 @@ class ExecutionError(StreamMergeError):
 
 class StreamMergeWarning(UserWarning):
     """Something the user must know although the merge can go on (e.g. an adapter that changes nothing)."""
+
+
+class DiskFullError(OutputError):
+    """The output's filesystem ran out of space (ENOSPC / EDQUOT) while writing."""
+
+    exit_code = 1
+
+
+class Interrupted(StreamMergeError):
+    """The run was stopped (SIGINT / SIGTERM) and left resumable."""
+
+    exit_code = 130

@@ -15,15 +15,16 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
 from . import ops
-from .errors import ExecutionError, OutputError, PlanError
-from .io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
+from .errors import DiskFullError, ExecutionError, Interrupted, OutputError, PlanError
+from .io.safetensors import DISK_FULL_ERRNOS, ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
 from .options import format_size
 from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor, Source, resize_shard
 from .quant import stream as qs
@@ -163,8 +164,11 @@ def _passes(tensor: OutputTensor, purpose: str) -> list[Pass]:
     return first + [Pass(tensor, purpose)]
 
 
-def schedule(plan: MergePlan) -> Iterator[tuple]:
+def schedule(plan: MergePlan, done: Collection[str] = frozenset(), finished: Collection[str] = frozenset()) -> Iterator[tuple]:
     """The work in file order: ("open", shard) / ("pass", Pass) / ("part", tensor) / ("close", shard).
+
+    A resumed run leaves out the shards in `finished` and the tensors in `done`; statistics passes
+    still run where a remaining part (or the header of a reopened shard) needs them.
 
     A 4-bit output writes its statistics next to (often before) its packed bytes, and the
     double-quant quant-state JSON's length is data dependent; so a weight's statistics pass (the
@@ -184,11 +188,15 @@ def schedule(plan: MergePlan) -> Iterator[tuple]:
         last[0] = weight
 
     for shard in plan.shards:
+        if shard.filename in finished:
+            continue
         for t in shard.tensors:
             if t.quant_out is not None and not t.quant_out.exact_size and t.quant_out.weight not in known:
                 yield from stats(t.quant_out.weight)
         yield ("open", shard)
         for t in shard.tensors:
+            if t.name in done:
+                continue
             qo = t.quant_out
             if qo is None or qo.part == "weight":
                 for p in _passes(t, "write"):
@@ -249,6 +257,8 @@ class _Pool:
 
 def _put(q: queue.Queue, item, cancelled: threading.Event) -> None:
     while True:
+        if cancelled.is_set():  # checked first: a flowing pipeline must stop promptly too
+            raise _Stop
         try:
             q.put(item, timeout=0.1)
             return
@@ -259,6 +269,8 @@ def _put(q: queue.Queue, item, cancelled: threading.Event) -> None:
 
 def _get(q: queue.Queue, cancelled: threading.Event):
     while True:
+        if cancelled.is_set():
+            raise _Stop
         try:
             return q.get(timeout=0.1)
         except queue.Empty:
@@ -328,6 +340,14 @@ class InputFiles(Protocol):
         """The run is over (finished or failed)."""
 
 
+class Resume(Protocol):
+    """What an interrupted run left that this one keeps (built and verified by journal.verify)."""
+
+    finished: Mapping[str, Any]  # shard filename -> a complete shard, left as it is
+    partial: Mapping[str, Any]  # shard filename -> .offset, .done (tensors), .sha256 (hash of the prefix)
+    layouts: Mapping[str, OutputShard]  # shard layouts as the interrupted run resolved them
+
+
 def _refuse_nonfinite(chunk: Chunk, base: torch.Tensor, out: torch.Tensor) -> None:
     """NaN/Inf made by the merge (or by a cast that overflows) is an error naming the tensor,
     before the chunk is written; a cast keeps the non-finite values the base already had."""
@@ -354,7 +374,14 @@ def _refuse_nonfinite(chunk: Chunk, base: torch.Tensor, out: torch.Tensor) -> No
 
 
 class Executor:
-    """Runs a validated plan into `out_dir`; shards appear only once complete (`.partial` + rename)."""
+    """Runs a validated plan into `out_dir`; shards appear only once complete (`.partial` + rename).
+
+    Resuming: with `resume`, finished shards are left out, a partial shard continues after its
+    verified prefix; shards in `hold` are synced but left as NAME.partial for the caller to rename
+    last. `on_shard_open(shard)` (the layout as resolved), `on_tensor_done(shard, tensor, crc32)`
+    and `on_shard_done(filename, size, sha256)` run in the writer thread. `cancel_event` (or
+    `cancel()`) stops the run promptly and raises `Interrupted`.
+    """
 
     def __init__(
         self,
@@ -363,19 +390,36 @@ class Executor:
         *,
         device: torch.device,
         progress: bool = False,
-        on_tensor_done: Callable[[OutputTensor], None] | None = None,
-        on_shard_done: Callable[[str], None] | None = None,
+        on_shard_open: Callable[[OutputShard], None] | None = None,
+        on_tensor_done: Callable[[OutputShard, OutputTensor, int], None] | None = None,
+        on_shard_done: Callable[[str, int, str], None] | None = None,
         inputs: InputFiles | None = None,
+        resume: Resume | None = None,
+        hold: Collection[str] = (),
+        cancel_event: threading.Event | None = None,
     ):
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
         self.progress = progress
+        self.on_shard_open = on_shard_open
         self.on_tensor_done = on_tensor_done
-        self.on_shard_done = on_shard_done  # called with the file name once a shard is committed
+        self.on_shard_done = on_shard_done
         self.inputs = inputs
+        self.hold = frozenset(hold)
+        self.finished = frozenset(resume.finished) if resume is not None else frozenset()
+        self.partial: Mapping[str, Any] = dict(resume.partial) if resume is not None else {}
+        recorded = dict(resume.layouts) if resume is not None else {}
+        self.done = frozenset(
+            t.name for s in plan.shards for t in (
+                s.tensors if s.filename in self.finished
+                else s.tensors[: self.partial[s.filename].done] if s.filename in self.partial else ()
+            )
+        )
         self.layout = plan_layout(plan)
-        self._cancelled = threading.Event()
+        self._schedule = list(schedule(plan, self.done, self.finished))
+        self._cancelled = cancel_event if cancel_event is not None else threading.Event()
+        self._finished_run = False
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
         # 4-bit outputs: small statistics per weight until written, the last pass's absmax, the
@@ -387,11 +431,13 @@ class Executor:
         # files holding a bitsandbytes weight's statistics are read by the compute thread at the start
         # of a pass, so the reader keeps them until the run ends
         self._companion_files = {c.file for t in plan.tensors if t.quant_in is not None for c in t.quant_in.companions}
-        self._resolved: dict[str, OutputShard] = {}
+        # finished shards keep the layout they were written with; a reopened one is checked against it
+        self._resolved: dict[str, OutputShard] = {k: v for k, v in recorded.items() if k in self.finished}
+        self._recorded = recorded
         self._current: dict[str, OutputTensor] = {}
         self._parts_left: dict[str, int] = {}
         for t in plan.tensors:
-            if t.quant_out is not None and t.quant_out.part != "weight":
+            if t.quant_out is not None and t.quant_out.part != "weight" and t.name not in self.done:
                 self._parts_left[t.quant_out.weight] = self._parts_left.get(t.quant_out.weight, 0) + 1
 
     def cancel(self) -> None:
@@ -414,10 +460,8 @@ class Executor:
     # -- reader thread: positioned reads into the read pool
 
     def _reader(self, pool: _Pool, out_q: queue.Queue) -> None:
-        last_read = {t.source.file: i for i, t in enumerate(self.plan.tensors)}
-        index = -1
         try:
-            items = list(schedule(self.plan))
+            items = self._schedule
             # the last pass reading each input file (its base rows, or a bitsandbytes weight's statistics)
             last_read: dict[str, int] = {}
             for i, item in enumerate(items):
@@ -457,15 +501,23 @@ class Executor:
 
     def _writer(self, in_q: queue.Queue, stats: RunStats, bar) -> None:
         writer: ShardWriter | None = None
+        shard: OutputShard | None = None
         try:
             while (item := _get(in_q, self._cancelled)) is not None:
                 kind = item[0]
                 if kind == "open":
-                    shard: OutputShard = item[1]
+                    shard = item[1]
                     header, _ = build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
-                    writer = ShardWriter(self.out_dir / shard.filename, header, shard.size)
+                    path = self.out_dir / shard.filename
+                    point = self.partial.get(shard.filename)
+                    if point is None:
+                        writer = ShardWriter(path, header, shard.size)
+                    else:
+                        writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
+                    if self.on_shard_open is not None:
+                        self.on_shard_open(shard)
                     if bar is not None:
-                        bar.update(len(header))
+                        bar.update(writer.position)
                 elif kind == "data":
                     _, data, release = item
                     writer.write(data)
@@ -476,22 +528,24 @@ class Executor:
                 elif kind == "tensor":
                     stats.tensors_done += 1
                     if self.on_tensor_done is not None:
-                        self.on_tensor_done(item[1])
+                        self.on_tensor_done(shard, item[1], item[2])
                 elif kind == "close":
-                    sha = writer.commit()
-                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
+                    sha = writer.commit(rename=item[1].filename not in self.hold)
                     writer = None
+                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
                     if self.on_shard_done is not None:
-                        self.on_shard_done(item[1].filename)
+                        self.on_shard_done(item[1].filename, item[1].size, sha)
+            self._finished_run = True
         except _Stop:
             pass
         except OSError as exc:
-            self._fail(OutputError(f"writing {self.out_dir}: {exc.strerror or exc}"))
+            cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else OutputError
+            self._fail(cls(f"writing {self.out_dir}: {exc.strerror or exc}"))
         except BaseException as exc:
             self._fail(exc)
         finally:
             if writer is not None:
-                writer.close()
+                writer.close(sync=True)  # what was written stays, for the next run to verify and keep
 
     # -- compute (calling thread)
 
@@ -624,6 +678,12 @@ class Executor:
             if t.quant_out is not None and not t.quant_out.exact_size
         }
         resolved = resize_shard(shard, shapes)
+        recorded = self._recorded.get(shard.filename)
+        if shard.filename in self.partial and recorded is not None and recorded != resolved:
+            raise ExecutionError(
+                f"internal error: {shard.filename} resolves to another layout than the interrupted run's; "
+                "re-run with --overwrite to start over"
+            )
         self._resolved[shard.filename] = resolved
         self._current = {t.name: t for t in resolved.tensors}
         return resolved
@@ -653,6 +713,8 @@ class Executor:
         return replace(self.plan, shards=tuple(self._resolved.get(s.filename, s) for s in self.plan.shards))
 
     def run(self) -> RunStats:
+        if self._cancelled.is_set():
+            raise Interrupted("interrupted before the first tensor")
         _fix_malloc_threshold()
         stats = RunStats()
         start = time.perf_counter()
@@ -667,15 +729,18 @@ class Executor:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.plan.file_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
+            kept = sum(s.size for s in self.plan.shards if s.filename in self.finished)
+            bar = tqdm(total=self.plan.file_bytes, initial=kept, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
                        file=sys.stderr, dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
         if self.inputs is not None:
-            self.inputs.begin([f for item in schedule(self.plan) if item[0] == "pass" for f in _pass_files(item[1].tensor)])
+            self.inputs.begin([f for item in self._schedule if item[0] == "pass" for f in _pass_files(item[1].tensor)])
         reader.start()
         writer.start()
         state: _PassState | None = None
+        crc = 0  # crc32 of the tensor's output bytes for the journal, computed here in chunk order so
+        # that the writer thread (already hashing the shard with sha256) is not slowed down by it
         on_device = self.device.type != "cpu"
         try:
             while (item := _get(read_q, self._cancelled)) is not None:
@@ -689,7 +754,7 @@ class Executor:
                 if kind == "part":
                     data = self._part_bytes(item[1])
                     _put(write_q, ("data", data, lambda: None), self._cancelled)
-                    _put(write_q, ("tensor", self._current[item[1].name]), self._cancelled)
+                    _put(write_q, ("tensor", self._current[item[1].name], zlib.crc32(data)), self._cancelled)
                     continue
                 _, chunk, buf, length = item
                 if chunk.first:
@@ -700,6 +765,7 @@ class Executor:
                         torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
                 elif is_passthrough(chunk.tensor):  # bytes as they are: hand the read buffer to the writer
+                    crc = zlib.crc32(memoryview(buf)[:length], crc)
                     _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
                 else:
                     out_buf = write_pool.take()
@@ -707,12 +773,14 @@ class Executor:
                     if on_device:
                         torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
+                    crc = zlib.crc32(memoryview(out_buf)[:out_len], crc)
                     _put(write_q, ("data", memoryview(out_buf)[:out_len], lambda b=out_buf: write_pool.give(b)), self._cancelled)
                 if chunk.last:
                     self._end(chunk, state)
                     state = None
                     if chunk.purpose == "write":
-                        _put(write_q, ("tensor", self._current.get(chunk.tensor.name, chunk.tensor)), self._cancelled)
+                        _put(write_q, ("tensor", self._current.get(chunk.tensor.name, chunk.tensor), crc), self._cancelled)
+                        crc = 0
             _put(write_q, None, self._cancelled)
         except _Stop:
             pass
@@ -730,5 +798,7 @@ class Executor:
             self._fds.clear()
         if self._errors:
             raise self._errors[0]
+        if not self._finished_run:
+            raise Interrupted(f"interrupted after {stats.tensors_done} more tensor(s)")
         stats.seconds = time.perf_counter() - start
         return stats

@@ -20,14 +20,18 @@ from .io.safetensors import read_header
 from .planner import MergePlan
 
 
-def disk_estimate(checkpoint: Checkpoint, plan: MergePlan, *, low_disk: bool, streaming_push: bool = False) -> DiskEstimate:
-    """Peak disk of a merge under the prefetch policy; a local base downloads nothing."""
-    files = [t.source.file for t in plan.tensors]
-    shard_of = [i for i, s in enumerate(plan.shards) for _ in s.tensors]
+def disk_estimate(checkpoint: Checkpoint, plan: MergePlan, *, low_disk: bool, streaming_push: bool = False,
+                  done: frozenset[str] = frozenset()) -> DiskEstimate:
+    """Peak disk of a merge under the prefetch policy (of the tensors not `done` by an interrupted
+    run); a local base downloads nothing."""
+    todo = [(i, t) for i, s in enumerate(plan.shards) for t in s.tensors if t.name not in done]
+    files = [t.source.file for _, t in todo]
+    shard_of = [i for i, _ in todo]
     sizes = {str(f.path): f.size for f in checkpoint.files}
     sizes.update({f: 0 for f in files if f not in sizes})  # adapter files (replaced tensors) are local
     downloaded = set(sizes) - set(checkpoint.cached) if isinstance(checkpoint, HubCheckpoint) else set()
-    return estimate_disk(files, shard_of, [s.size for s in plan.shards], sizes, downloaded,
+    shard_sizes = [0 if all(t.name in done for t in s.tensors) else s.size for s in plan.shards]  # on disk already
+    return estimate_disk(files, shard_of, shard_sizes, sizes, downloaded,
                          low_disk=low_disk, streaming_push=streaming_push)
 
 
@@ -47,7 +51,9 @@ def input_files(checkpoint: HubCheckpoint, *, low_disk: bool) -> Prefetcher:
 class HubRun:
     def __init__(self, checkpoint: Checkpoint, plan: MergePlan, out: Path, *, low_disk: bool = False,
                  push_to_hub: str | None = None, private: bool | None = None, revision: str | None = None,
-                 quiet: bool = True):
+                 quiet: bool = True, done: frozenset[str] = frozenset(), on_uploaded=None):
+        """`done`: tensors an interrupted run already wrote (a resumed run neither reads nor
+        downloads their inputs); `on_uploaded(filename)` runs once a streamed shard is on the Hub."""
         self.checkpoint = checkpoint
         self.plan = plan
         self.out = out
@@ -58,10 +64,10 @@ class HubRun:
         self.quiet = quiet
         remote = isinstance(checkpoint, HubCheckpoint) and checkpoint.download_bytes > 0
         self.streaming = bool(push_to_hub and low_disk)
-        self.estimate = disk_estimate(checkpoint, plan, low_disk=low_disk, streaming_push=self.streaming)
+        self.estimate = disk_estimate(checkpoint, plan, low_disk=low_disk, streaming_push=self.streaming, done=done)
         self.inputs: Prefetcher | None = input_files(checkpoint, low_disk=low_disk) if remote else None
-        self._uploader = ShardUploader(out, push_to_hub, revision=revision) if self.streaming else None
-        self.on_shard_done = self._uploader
+        self._uploader = ShardUploader(out, push_to_hub, revision=revision, on_uploaded=on_uploaded) if self.streaming else None
+        self.upload_shard = self._uploader  # (filename, path) -> None, set when shards are pushed as they finish
 
     def check_disk_space(self) -> None:
         """Output and downloads against free space, per filesystem (they may be the same one)."""

@@ -539,7 +539,9 @@ def build_adapter_plan(adapter: Adapter, options: MergeOptions) -> MergePlan:
 # ------------------------------------------------------------------------------------ summaries
 
 
-def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_note: str | None = None) -> list[str]:
+def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_note: str | None = None,
+                  disk: str | None = None) -> list[str]:
+    """The plan's human summary; `disk` (a prepared line) replaces the plain free-space figure."""
     counts = plan.counts()
     cov = plan.coverage()
     n_terms = sum(len(t.loras) for t in plan.tensors)
@@ -558,7 +560,9 @@ def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_not
         f"(max shard size {format_size(plan.options.max_shard_size)})",
         f"memory:     budget {format_size(plan.options.max_memory)} for tensor data",
     ]
-    if free_disk is not None:
+    if disk is not None:
+        lines.append(f"disk:       {disk}")
+    elif free_disk is not None:
         verdict = "ok" if free_disk >= plan.file_bytes else "NOT ENOUGH"
         lines.append(f"disk:       needs {format_size(plan.file_bytes)}, free {format_size(free_disk)} ({verdict})")
     for h, e in plan.untied:

@@ -123,9 +123,11 @@ def test_bad_input_is_one_error_line(small_case, tmp_path, args, message):
 def test_existing_output_needs_overwrite(small_case, tmp_path):
     out = tmp_path / "out"
     assert run("merge", small_case / "base", small_case / "lora", "--out", out, "--quiet").returncode == 0
-    res = run("merge", small_case / "base", small_case / "lora", "--out", out, "--quiet")
-    assert res.returncode != 0 and "--overwrite" in res.stderr
-    res = run("merge", small_case / "base", small_case / "lora", "--out", out, "--quiet", "--overwrite")
+    res = run("merge", small_case / "base", small_case / "lora", "--out", out)  # the same merge: nothing to do
+    assert res.returncode == 0 and "already complete" in res.stdout, res.stderr
+    res = run("merge", small_case / "base", small_case / "lora", "--out", out, "--quiet", "--dtype", "bfloat16")
+    assert res.returncode != 0 and "--overwrite" in res.stderr and "--dtype" in res.stderr
+    res = run("merge", small_case / "base", small_case / "lora", "--out", out, "--quiet", "--dtype", "bfloat16", "--overwrite")
     assert res.returncode == 0, res.stderr
     stranger = tmp_path / "stranger"
     stranger.mkdir()

@@ -522,27 +522,31 @@ class ShardUploader:
     `push_folder`, so the repo is a loadable model only once everything is there.
     """
 
-    def __init__(self, out: Path, repo_id: str, *, revision: str | None):
+    def __init__(self, out: Path, repo_id: str, *, revision: str | None, on_uploaded=None):
         self.out = out
         self.repo_id = repo_id
         self.revision = revision
+        self.on_uploaded = on_uploaded  # called with the file name once it is on the Hub (the journal)
         self.uploaded: list[str] = []
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def __call__(self, filename: str) -> None:
+    def __call__(self, filename: str, path: Path | None = None) -> None:
+        """Upload `path` (default OUT/filename; a shard not yet renamed is given as its .partial)."""
         self.wait()
-        self._thread = threading.Thread(target=self._upload, args=(filename,), name="streammerge-push", daemon=True)
+        self._thread = threading.Thread(target=self._upload, args=(filename, path or self.out / filename),
+                                        name="streammerge-push", daemon=True)
         self._thread.start()
 
-    def _upload(self, filename: str) -> None:
-        path = self.out / filename
+    def _upload(self, filename: str, path: Path) -> None:
         try:
             with hub_errors(f"pushing {filename} to {self.repo_id}", OutputError):
                 _api().upload_file(
                     path_or_fileobj=str(path), path_in_repo=filename, repo_id=self.repo_id, revision=self.revision,
                     commit_message=f"streammerge: add {filename}",
                 )
+            if self.on_uploaded is not None:
+                self.on_uploaded(filename)
             path.unlink()
             self.uploaded.append(filename)
         except BaseException as exc:  # re-raised in the merging thread by wait()

@@ -1,7 +1,8 @@
 """The output folder: refusing to clobber, copying the base's other files, config, index, record.
 
-Small files are written atomically (temp file + fsync + rename). The index (or, for a single
-shard, `streammerge.json`) is written last: a folder without it is never a finished model.
+Small files are written atomically (temp file + fsync + rename). What makes the folder loadable
+(the index, or for a single shard the shard's final name) appears last, after `streammerge.json`;
+see `api.merge` for the commit order.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import OutputError
+from ..errors import DiskFullError, OutputError
 from .checkpoint import INDEX_FILE
-from .safetensors import fsync_dir
+from .safetensors import DISK_FULL_ERRNOS, fsync_dir
 
 RECORD_FILE = "streammerge.json"
 _UMASK = os.umask(0)
@@ -48,8 +49,8 @@ def looks_like_model_folder(path: Path) -> bool:
     return any(m in names for m in _MODEL_MARKERS) or any(n.endswith((".safetensors", ".gguf", ".partial")) for n in names)
 
 
-def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()) -> None:
-    """Create OUT, or refuse: a file, an unwritable folder, or someone else's files without --overwrite."""
+def check_output_path(out: Path, *, protected: Iterable[Path] = ()) -> None:
+    """Refuse an output path that is a file, one of the inputs, or not writable; create the folder."""
     out = Path(out)
     for p in protected:
         try:
@@ -59,15 +60,6 @@ def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()
             pass
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"--out {out} already holds files; choose an empty folder or pass --overwrite to replace it")
-        if not looks_like_model_folder(out):
-            raise OutputError(f"--out {out} holds files that are not a model; refusing to delete them even with --overwrite")
-        try:
-            shutil.rmtree(out)
-        except OSError as exc:
-            raise OutputError(f"cannot clear {out} for --overwrite: {exc.strerror or exc}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -76,13 +68,44 @@ def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()
         raise OutputError(f"--out {out} is not writable; choose another folder or fix its permissions")
 
 
+def clear_folder(out: Path) -> None:
+    """Empty OUT for --overwrite, keeping the folder itself (it carries the lock); refuse to delete
+    files that are not a model's."""
+    if not looks_like_model_folder(out):
+        raise OutputError(f"--out {out} holds files that are not a model; refusing to delete them even with --overwrite")
+    try:
+        for entry in list(out.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot clear {out} for --overwrite: {exc.strerror or exc}") from None
+
+
+def prepare_output(out: Path, *, overwrite: bool, protected: Iterable[Path] = ()) -> None:
+    """Create OUT, or refuse: a file, an unwritable folder, or someone else's files without --overwrite."""
+    out = Path(out)
+    check_output_path(out, protected=protected)
+    if any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"--out {out} already holds files; choose an empty folder or pass --overwrite to replace it")
+        clear_folder(out)
+
+
+def output_error(exc: OSError, what: str) -> OutputError:
+    """An OSError while writing the output as one of our errors; a full disk gets its own class."""
+    cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else OutputError
+    return cls(f"{what}: {exc.strerror or exc}")
+
+
 def copy_other_files(files: Iterable[Path], out: Path) -> list[str]:
     copied = []
     for src in files:
         try:
             shutil.copyfile(src, out / src.name)
         except OSError as exc:
-            raise OutputError(f"cannot copy {src.name} to {out}: {exc.strerror or exc}") from None
+            raise output_error(exc, f"cannot copy {src.name} to {out}") from None
         copied.append(src.name)
     return copied
 

@@ -8,6 +8,7 @@ to a multiple of 8.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..errors import InputError, OutputError
+from ..errors import DiskFullError, InputError, OutputError
 
 MAX_HEADER_BYTES = 100_000_000
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # Byte-sized dtypes as safetensors names them, in the order of its Rust `Dtype` enum (which
 # `serialize` sorts by, descending). Sub-byte types (F4, F6_*) are listed for ordering only.
@@ -273,12 +275,16 @@ class ShardWriter:
     a complete-looking shard that is not complete. The sha256 is computed on the fly.
     """
 
-    def __init__(self, final_path: Path, header: bytes, total_size: int, *, resume_at: int | None = None):
+    def __init__(self, final_path: Path, header: bytes, total_size: int, *, resume_at: int | None = None,
+                 prefix_hash=None):
+        """`resume_at`: continue an existing NAME.partial after its first `resume_at` bytes (already
+        verified by the caller); `prefix_hash` is their sha256 state, else they are read and hashed."""
         self.final_path = final_path
         self.partial_path = final_path.with_name(final_path.name + ".partial")
         self.total_size = total_size
         self._hash = hashlib.sha256()
         self._synced = 0
+        self._fd = -1
         flags = os.O_RDWR | os.O_CREAT
         try:
             self._fd = os.open(self.partial_path, flags, 0o644)
@@ -288,8 +294,16 @@ class ShardWriter:
                 self._pos = 0
                 self.write(header)
             else:
-                self._rehash_prefix(resume_at)
+                self._reserve(total_size)
+                if prefix_hash is not None:
+                    self._hash = prefix_hash
+                    self._pos = self._synced = resume_at
+                else:
+                    self._rehash_prefix(resume_at)
         except OSError as exc:
+            self.close()
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFullError(f"cannot write {self.partial_path}: {exc.strerror or exc}") from None
             raise OutputError(f"cannot write {self.partial_path}: {exc.strerror or exc}") from None
 
     def _reserve(self, size: int) -> None:
@@ -297,7 +311,7 @@ class ShardWriter:
             try:
                 os.posix_fallocate(self._fd, 0, size)
             except OSError as exc:
-                if exc.errno in (28,):  # ENOSPC
+                if exc.errno in DISK_FULL_ERRNOS:
                     raise
                 # Filesystems without fallocate support: space is claimed as we write.
 
@@ -333,8 +347,9 @@ class ShardWriter:
     def sync(self) -> None:
         os.fdatasync(self._fd)
 
-    def commit(self) -> str:
-        """Fsync, rename into place, return the sha256 hex digest of the whole file."""
+    def commit(self, *, rename: bool = True) -> str:
+        """Fsync, rename into place (unless `rename=False`: the caller renames it later), return the
+        sha256 hex digest of the whole file."""
         if self._pos != self.total_size:
             raise OutputError(f"internal error: {self.final_path.name} has {self._pos} of {self.total_size} bytes")
         os.ftruncate(self._fd, self.total_size)
@@ -342,12 +357,19 @@ class ShardWriter:
         release_cache(self._fd, 0, self.total_size)
         os.close(self._fd)
         self._fd = -1
-        os.replace(self.partial_path, self.final_path)
-        fsync_dir(self.final_path.parent)
+        if rename:
+            os.replace(self.partial_path, self.final_path)
+            fsync_dir(self.final_path.parent)
         return self._hash.hexdigest()
 
-    def close(self) -> None:
+    def close(self, *, sync: bool = False) -> None:
+        """Close without committing; `sync` flushes what was written (an interrupted run keeps it)."""
         if self._fd >= 0:
+            if sync:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError:
+                    pass
             os.close(self._fd)
             self._fd = -1
 
