@@ -537,3 +537,47 @@ def test_merged_4bit_sharded(kind, bf16_case, qbase, merged, tmp_path):
     assert sorted(index["weight_map"]) == sorted(want)
     record = json.loads((out / "streammerge.json").read_text())
     assert [s["size"] for s in record["shards"]] == [f.stat().st_size for f in files]
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "bf16"])
+def test_merged_4bit_resumes_byte_identical(kind, bf16_case, qbase, merged, tmp_path, monkeypatch):
+    """An interrupted 4-bit merge resumes: shards whose layout (double-quant JSON lengths) was resolved
+    at run time are verified against the journaled layout, a weight's statistics are recomputed for
+    its parts still to write (some in the next shard), and the result equals an uninterrupted run."""
+    import threading
+
+    from streammerge import journal as jr
+    from streammerge.errors import Interrupted
+
+    case_name = "nf4dq-from-nf4dq" if kind == "nf4-dq" else "nf4dq-from-bf16"
+    base = _m4_base(case_name, bf16_case, qbase)
+    opts = dict(method="merged_4bit", max_shard_size="7KB", max_chunk_rows=19, device="cpu")
+    reference = merged(base, bf16_case.adapter_path, **opts)
+    ref_files = {p.name: p.read_bytes() for p in reference.iterdir() if p.name != "streammerge.json"}
+    total = len(streammerge.plan(base, [bf16_case.adapter_path], **opts).tensors)
+    original = jr.Run.tensor_done
+    layouts_seen = 0
+    for stop_after in (1, total // 3, total // 2 + 1, total - 1):
+        out = tmp_path / f"stop{stop_after}"
+        cancel = threading.Event()
+        calls = [0]
+
+        def tensor_done(self, shard, tensor, crc, calls=calls, cancel=cancel, stop_after=stop_after):
+            original(self, shard, tensor, crc)
+            calls[0] += 1
+            if calls[0] == stop_after:
+                cancel.set()
+
+        monkeypatch.setattr(jr.Run, "tensor_done", tensor_done)
+        with pytest.raises(Interrupted):
+            streammerge.merge(base, [bf16_case.adapter_path], out, cancel=cancel, **opts)
+        monkeypatch.setattr(jr.Run, "tensor_done", original)
+        assert not (out / "model.safetensors.index.json").exists()
+        records = jr.read_records(out / ".streammerge" / "journal.jsonl")
+        layouts_seen += sum(r["t"] == "layout" for r in records)
+        result = streammerge.merge(base, [bf16_case.adapter_path], out, **opts)
+        assert result.resumed_tensors == stop_after
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "streammerge.json"} == ref_files
+        ours, ref = (json.loads((d / "streammerge.json").read_text()) for d in (out, reference))
+        assert ours["shards"] == ref["shards"] and ours["total_size"] == ref["total_size"]
+    assert layouts_seen > 0, "fixture error: no shard layout was resolved at run time"

@@ -297,14 +297,14 @@ def test_truncated_after_planning_is_caught_where_data_is_read(base, case, tmp_p
     """A file that shrinks between planning and reading: an InputError from pread, no finished shard."""
     import streammerge.api as api
 
-    original = api.prepare_output
+    original = api.check_output_path
 
     def truncate_then_prepare(out, **kw):
         shard = base / "model.safetensors"
         shard.write_bytes(shard.read_bytes()[:-4096])
         return original(out, **kw)
 
-    monkeypatch.setattr(api, "prepare_output", truncate_then_prepare)
+    monkeypatch.setattr(api, "check_output_path", truncate_then_prepare)
     out = tmp_path / "out"
     with pytest.raises(InputError, match="unexpected end of file.*truncated"):
         streammerge.merge(base, case.adapter_path, out, device="cpu")

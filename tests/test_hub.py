@@ -447,3 +447,54 @@ def test_save_merged_resolves_a_hub_base(fake_hub, hub_case, tmp_path):
     for name, ref in oracle.items():
         assert max_ulp_diff(ours[name], ref) <= 1, name
     assert not list((tmp_path / "hf").rglob("model-*.safetensors"))  # low_disk: the downloaded base is gone again
+
+
+def test_resumed_hub_merge_fetches_only_what_remains(fake_hub, hub_case, tmp_path):
+    """SIGKILL a --low-disk merge of a Hub base once every tensor of the first base shard is merged
+    (so that shard is evicted); the re-run verifies the journaled tensors, downloads only the base
+    shards the remaining tensors read and are not on disk, and writes the bytes of an uninterrupted
+    merge of the local folder."""
+    import signal
+
+    import streammerge
+    from streammerge import journal as jr
+    from test_resume import kill_when
+
+    options = ("--max-shard-size", "60KB", "--max-chunk-rows", "1")
+    reference = tmp_path / "reference"
+    streammerge.merge(str(hub_case.base_path), [str(hub_case.adapter_path)], str(reference), device="cpu",
+                      max_shard_size="60KB")
+    plan = streammerge.plan(str(hub_case.base_path), [str(hub_case.adapter_path)], max_shard_size="60KB")
+    source = {t.name: Path(t.source.file).name for t in plan.tensors}
+    first = sorted(p.name for p in hub_case.base_path.glob("model-*.safetensors"))[0]
+    env = hub_env(fake_hub, tmp_path / "hf")
+    out = tmp_path / "out"
+
+    def journaled() -> set[str]:
+        return {r["name"] for r in jr.read_records(out / ".streammerge" / "journal.jsonl") if r["t"] == "tensor"}
+
+    def moment(snap) -> bool:
+        return ".streammerge" in snap["names"] and {n for n, f in source.items() if f == first} <= journaled()
+
+    cmd = [sys.executable, "-m", "streammerge", "merge", "org/base", "org/lora", "--out", str(out), "--low-disk", *options]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
+    assert kill_when(proc, out, moment, sig=signal.SIGKILL) is not None, "the merge ended before the kill"
+    assert not (out / "model.safetensors.index.json").exists()
+    done = journaled()
+    assert 0 < len(done) < len(plan.tensors)
+    snapshot = next((tmp_path / "hf" / "hub" / "models--org--base" / "snapshots").iterdir())
+    on_disk = {p.name for p in snapshot.glob("model-*.safetensors") if p.exists()}
+    needed = {source[n] for n in source if n not in done}
+    assert first not in needed and first not in on_disk, "fixture error: the first base shard is still needed or kept"
+
+    fake_hub.log.clear()
+    proc = cli(env, "merge", "org/base", "org/lora", "--out", out, "--low-disk", *options)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed: {len(done)}/{len(plan.tensors)} tensors already done" in proc.stdout
+    downloaded = sorted(Path(r["path"]).name for r in shard_gets(fake_hub) if r["range"] is None)
+    assert downloaded == sorted(needed - on_disk)
+    ours = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "streammerge.json"}
+    assert ours == {p.name: p.read_bytes() for p in reference.iterdir() if p.name != "streammerge.json"}
+    assert not (out / ".streammerge").exists()
+    assert [s["sha256"] for s in json.loads((out / "streammerge.json").read_text())["shards"]] == [
+        s["sha256"] for s in json.loads((reference / "streammerge.json").read_text())["shards"]]
