@@ -1,8 +1,9 @@
 """A PEFT LoRA adapter folder -> the edits it makes to base tensors, resolved with PEFT's own rules.
 
-The config is parsed by PEFT's `LoraConfig`, targets are matched with PEFT's
-`check_target_module_exists`, and rank/alpha patterns with PEFT's `get_pattern_key`, so our
-reading of an adapter cannot drift from PEFT's. Every tensor of the adapter file is classified
+The config is read as PEFT's `LoraConfig` reads it (lora_config.py: directly for the fields whose
+semantics it reproduces, by PEFT itself for anything else), targets are matched with PEFT's
+`check_target_module_exists` and rank/alpha patterns with PEFT's `get_pattern_key` (ported, and
+held to PEFT's by tests), so our reading of an adapter cannot drift from PEFT's. Every tensor of the adapter file is classified
 (LoRA factor, embedding factor, DoRA magnitude, lora_bias, trainable-token rows, saved full
 tensor) and mapped to the base tensor it changes; a tensor we do not understand is an error.
 Only headers are read here.
@@ -24,6 +25,7 @@ from .errors import AdapterError, UnsupportedError
 from .io.checkpoint import read_json, safe_member
 from .io.legacy import read_legacy_bin  # noqa: F401  (the one reader of adapter_model.bin)
 from .io.safetensors import FLOAT_DTYPES, TORCH_NAME, SafetensorsFile, TensorInfo, pread_exact, read_header
+from .lora_config import check_target_module_exists, fast_settings, get_pattern_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,7 +94,7 @@ class Edit:
 class Adapter:
     path: Path
     weight: float
-    config: Any  # peft.LoraConfig
+    config: Any  # lora_config.LoraSettings, or peft.LoraConfig for configs only PEFT reads
     config_dict: dict[str, Any]
     weights_file: Path  # safetensors (converted from adapter_model.bin for legacy adapters)
     header: SafetensorsFile
@@ -121,6 +123,10 @@ class Adapter:
 
 
 def _load_lora_config(path: Path, raw: dict[str, Any]):
+    """LoraSettings when lora_config.py reproduces every field's meaning, else PEFT's LoraConfig."""
+    settings = fast_settings(raw)
+    if settings is not None:
+        return settings
     from peft import LoraConfig
 
     try:
@@ -319,15 +325,10 @@ def tensor_name(module: str, param: str, shapes: Mapping[str, tuple[int, ...]]) 
 
 
 def _targeted(config: Any, module: str) -> bool:
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    hit = check_target_module_exists(config, module)
-    return bool(hit) and type(hit).__name__ != "_ExcludedModule"
+    return bool(check_target_module_exists(config, module))
 
 
 def _rank_alpha(config: Any, key: str) -> tuple[int, float]:
-    from peft.utils.other import get_pattern_key
-
     r_key = get_pattern_key(list(config.rank_pattern or {}), key)
     alpha_key = get_pattern_key(list(config.alpha_pattern or {}), key)
     return (config.rank_pattern or {}).get(r_key, config.r), float((config.alpha_pattern or {}).get(alpha_key, config.lora_alpha))

@@ -448,7 +448,6 @@ def verify(
 def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device, checkpoint=None,
             adapter_digests: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """streammerge.json: what was merged, from what, how, and the checksums of what was written."""
-    import peft
     import safetensors
     import torch
 
@@ -479,7 +478,17 @@ def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "peft": peft.__version__,
+            "peft": _version_of("peft"),
             "safetensors": safetensors.__version__,
         },
     }
+
+
+def _version_of(package: str) -> str | None:
+    """An installed package's version, without importing it (importing peft costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

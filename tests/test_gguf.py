@@ -349,7 +349,7 @@ def test_llama3_rope_freqs_match_transformers(make_base, make_adapter, tmp_path)
     base = make_base("llama", tokenizer="bpe-llama3", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
                      max_position_embeddings=512, rope_parameters=rope)
     adapter = make_adapter(base)
-    case = Case("llama", base, adapter.adapter_path, {}, {}, {}, base, adapter.input_ids)
+    case = Case(arch, base, adapter.adapter_path, {}, {}, {}, base, adapter.input_ids)
     files = gguf_merge(case, tmp_path / "out", "bf16")
     stored = {t.name: t for t in gguf.GGUFReader(str(files[0])).tensors}
     assert stored["rope_freqs.weight"].tensor_type.name == "F32"
@@ -534,3 +534,36 @@ def test_peak_rss_within_budget_and_disk_is_the_gguf_alone(tmp_path):
     assert not [p for p in out.iterdir() if p.name.endswith((".safetensors", ".partial"))]
     reader = gguf.GGUFReader(str(ggufs[0]))
     assert len(reader.tensors) == 3 + 6 * 9  # embeddings, output, output norm + 9 per layer, all readable
+
+
+@pytest.mark.parametrize("variant", ["dora", "lora_bias", "trainable_tokens", "modules_to_save"])
+def test_gguf_applies_lora_variants_like_merged_16bit(make_base, make_adapter, variant, tmp_path):
+    """DoRA row scaling, LoRA biases, trainable token rows and saved modules reach the GGUF exactly as
+    merged_16bit computes them (a writer that merged only B·A would fail here)."""
+    arch = "qwen2" if variant == "lora_bias" else "llama"  # qwen2's q/k/v projections have biases
+    tokenizer, overrides = CASES[arch]
+    base = make_base(arch, dtype=torch.bfloat16, tokenizer=tokenizer, **overrides)
+    kw = {
+        "dora": dict(use_dora=True),
+        "lora_bias": dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
+        "trainable_tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 17, 40]),
+        "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    }[variant]
+    adapter = make_adapter(base, perturb=True, **kw)
+    ref_dir = tmp_path / "ref"
+    streammerge.merge(str(base), [str(adapter.adapter_path)], str(ref_dir), dtype="float32", device="cpu")
+    case = Case(arch, base, adapter.adapter_path, json.loads((base / "config.json").read_text()),
+                load_safetensors_dir(ref_dir), {}, ref_dir, adapter.input_ids)
+    files = gguf_merge(case, tmp_path / "gguf", "bf16")
+    check_stored_bytes(case, files, "bf16")
+
+
+def test_gguf_refuses_column_norm_dora_before_writing(make_base, make_adapter, tmp_path):
+    from streammerge.errors import UnsupportedError
+
+    tokenizer, overrides = CASES["llama"]
+    base = make_base("llama", dtype=torch.bfloat16, tokenizer=tokenizer, **overrides)
+    adapter = make_adapter(base, target_modules=["embed_tokens", "q_proj"], use_dora=True, perturb=True)
+    with pytest.raises(UnsupportedError, match="DoRA.*merged_16bit"):
+        streammerge.merge(str(base), [str(adapter.adapter_path)], str(tmp_path / "out"), method="gguf", device="cpu")
+    assert not list(tmp_path.rglob("*.gguf*"))

@@ -26,6 +26,7 @@ import torch
 from .. import ops
 from ..errors import ExecutionError, OutputError
 from ..io.safetensors import ITEMSIZE, TORCH_NAME, ShardWriter, pread_exact, release_cache
+from ..terms import TensorMath
 from . import require
 from .plan import READS_IN_FLIGHT, GGUFPlan, GGUFTensor, pad
 
@@ -124,16 +125,16 @@ class GGUFExecutor:
 
     # -- compute (calling thread)
 
-    def _terms(self, t: GGUFTensor) -> list[ops.LoraTermF32]:
-        terms = []
-        for term in t.source.loras:
-            pair = []
-            for src in (term.a, term.b):
-                buf = bytearray(src.end - src.start)
-                pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
-                pair.append(torch.frombuffer(buf, dtype=_torch_dtype(src.dtype)).reshape(src.shape))
-            terms.append(ops.lora_term(pair[0], pair[1], term.factor, term.transpose, self.device))
-        return terms
+    def _read_whole(self, src) -> torch.Tensor:
+        buf = bytearray(src.end - src.start)
+        pread_exact(self._fd(src.file), memoryview(buf), src.start, src.file)
+        if not buf:
+            return torch.empty(src.shape, dtype=_torch_dtype(src.dtype))
+        return torch.frombuffer(buf, dtype=_torch_dtype(src.dtype)).reshape(src.shape)
+
+    def _terms(self, t: GGUFTensor) -> TensorMath:
+        """Every term kind (LoRA, DoRA rows, bias, token rows, experts) as merged_16bit applies it."""
+        return TensorMath.load(t.source, self._read_whole, self.device)
 
     def _rows_f32(self, t: GGUFTensor, start: int, stop: int, buf: bytearray | None, terms, tiles) -> torch.Tensor:
         """Rows [start, stop) of the merged tensor in float32, transformed as llama.cpp stores them."""
@@ -143,9 +144,9 @@ class GGUFExecutor:
         if terms:
             if self.device.type == "cpu":
                 rows = torch.empty((stop - start, t.width), dtype=torch.float32)
-                ops.merge_rows(base, terms, start, torch.float32, tiles=tiles, out=rows)
+                terms.compute(base, start, torch.float32, tiles, out=rows)
             else:
-                rows = ops.merge_rows(base.to(self.device), terms, start, torch.float32, tiles=tiles).cpu()
+                rows = terms.compute(base.to(self.device), start, torch.float32, tiles).cpu()
         else:
             rows = base.to(torch.float32)
         if t.shift:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import ops
 from ..errors import PlanError, UnsupportedError
+from ..terms import factor_bytes, needs_prepass
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from ..options import MergeOptions, format_size
@@ -151,9 +152,7 @@ def _nbytes(gguf, ggml_type: str, shape: tuple[int, ...]) -> int:
 
 
 def _factor_bytes(tensor: OutputTensor | None) -> int:
-    if tensor is None:
-        return 0
-    return sum(math.prod(s.shape) * (ITEMSIZE[s.dtype] + 4) for term in tensor.loras for s in (term.a, term.b))
+    return 0 if tensor is None else factor_bytes(tensor)
 
 
 def _encoded_per_element(gguf, ggml_type: str) -> float:
@@ -216,6 +215,12 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
                 )
             dropped.append(hf_name)
             continue
+        if needs_prepass(tensor):
+            raise UnsupportedError(
+                f"{hf_name}: DoRA on a weight stored [in, out] (fan_in_fan_out, or an embedding) normalizes columns, "
+                "which needs a pass over the whole tensor before its first row; --method gguf does not do that yet. "
+                "Use --method merged_16bit and convert the result with llama.cpp's convert_hf_to_gguf.py"
+            )
         if tensor.source.dtype not in FLOAT_DTYPES:
             raise UnsupportedError(
                 f"{hf_name} is stored as {tensor.source.dtype}; --method gguf reads floating-point bases only"
