@@ -283,6 +283,11 @@ class TensorState:
             return result, None, not self.exact
         return result, self._diagnose(exact_required), False
 
+    def _rounded(self, k: float) -> float:
+        """k to one decimal when that is within the fit's own uncertainty (quantization noise)."""
+        spread = math.sqrt(self.sum_t2d2) / self.sum_d2 if self.sum_d2 > 0 else 0.0
+        return round(k, 1) if abs(k - round(k, 1)) <= max(0.02, 3 * spread) else k
+
     def _diagnose(self, exact_required: bool) -> Fault:
         t = self.tensor
         data: dict[str, Any] = {"rows": t.rows, "rows_failing": self.bad_rows, "elements_failing": self.bad_elements,
@@ -308,8 +313,9 @@ class TensorState:
                     return Fault("delta missing", t.name,
                                  "delta missing: the stored weight is the base weight (within the type's rounding)", data)
                 if abs(k - 1) > 0.02:
+                    shown = _fmt_factor(self._rounded(k))
                     return Fault("scale off", t.name,
-                                 f"scale off by {_fmt_factor(k)}× (the delta is applied {_fmt_factor(k)} times)", {**data, "factor": k})
+                                 f"scale off by {shown}× (the delta is applied {shown} times)", {**data, "factor": k})
         where = f"first: row {self.first_bad_row}" if self.first_bad_row is not None else "within tolerance element-wise"
         if exact_required:
             return Fault("bytes differ", t.name,
@@ -669,7 +675,8 @@ class GGUFVerifier:
     def _check_tensor(self, t: GGUFTensor, ff: FoundFile, offset: int, step: int, tiles, TensorMath, hasher):
         merged = t.source is not None and bool(t.source.loras)
         config = self.checkpoint.config or {}
-        heads = tuple(h for h in (config.get("num_attention_heads"), config.get("num_key_value_heads")) if isinstance(h, int) and h > 0)
+        heads = {h for h in (config.get("num_attention_heads"), config.get("num_key_value_heads")) if isinstance(h, int) and h > 0}
+        heads = tuple(sorted(heads | {2 * t.permute_heads, t.permute_heads // 2} - {0})) if t.permute_heads else ()
         state = TensorState(t, merged, heads)
         block = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[t.ggml_type]][0]
         row_bytes = t.nbytes // max(t.rows, 1)
