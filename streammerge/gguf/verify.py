@@ -57,7 +57,6 @@ from ..io.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, release_cache
 from ..options import MergeOptions, format_size
 from ..verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, VerifyReport, _fmt_factor
 from .plan import QUANT_GROUP_ROWS, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor
-from .types import GGUF_TYPES
 
 U16 = 2.0**-8  # unit roundoff of bfloat16: another tool may round the merge to 16 bits before encoding
 UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
@@ -808,4 +807,4 @@ def _show(f) -> str:
 
 
 __all__ = ["GGUFVerifier", "GGUFVerifyReport", "verify_gguf", "refuse_gguf_folder", "gguf_outputs",
-           "permute_rows", "unpermute_rows", "tolerance", "encode_rows", "decode_rows", "GGUF_TYPES"]
+           "permute_rows", "unpermute_rows", "tolerance", "encode_rows", "decode_rows"]
