@@ -294,3 +294,17 @@ def test_cli_verify_gguf(case, tmp_path):
     assert res.returncode == 1
     assert "FAIL blk.0.ffn_up.weight: values differ" in res.stdout
     assert "recorded when it was written" in res.stdout  # the sha256 check names the file too
+
+
+def test_verifier_permutation_is_llama_cpps_and_invertible():
+    """verify's own q/k permutation (index math) agrees with the writer's (reshape) and with
+    llama.cpp's definition written out in tests/test_gguf.py; unpermute inverts it."""
+    from test_gguf import permuted
+
+    from streammerge.gguf.verify import permute_rows, unpermute_rows
+
+    x = torch.randn(48, 5)
+    for heads in (1, 2, 3, 6):
+        assert torch.equal(permute_rows(x, heads), gguf_execute.permute_rows(x, heads))
+        assert torch.equal(permute_rows(x, heads), permuted(x, heads))
+        assert torch.equal(unpermute_rows(permute_rows(x, heads), heads), x)
