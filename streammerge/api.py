@@ -430,6 +430,13 @@ def verify(
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
+    from .gguf.verify import refuse_gguf_folder, verify_gguf
+
+    if opts.method == "gguf":  # GGUF files: checked against the GGUF plan (streammerge/gguf/verify.py)
+        report = verify_gguf(base, adapters, out, opts, check_record=check_record, progress=not quiet)
+        report.peak_rss_bytes = peak_rss_bytes()
+        return report
+    refuse_gguf_folder(out, opts)
     checkpoint, loaded, the_plan = _load(base, adapters, opts)
     missing = unverifiable(the_plan)
     if missing:

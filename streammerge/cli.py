@@ -290,6 +290,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         quiet=args.quiet or args.json or not sys.stderr.isatty(),
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
+        gguf_type=options.gguf_type,
     )
     print(report.to_json() if args.json else "\n".join(report.table_lines()))
     return 0 if report.ok else 1
