@@ -397,6 +397,8 @@ class QuantWeightCheck(RecomputeCheck):
                 return
             tensors[n] = t
         tensors[w] = torch.empty(self.tensor.shape, dtype=_torch_dtype(self.tensor.dtype), device="meta")
+        qm = f"{w}.quant_map"  # dequantize_4bit uses its own code book; the stored one is QuantPartCheck's
+        tensors[qm] = torch.empty(tuple(tensors[qm].shape), dtype=tensors[qm].dtype, device="meta")
         try:
             fmt = bnb4.parse_bnb4(w, tensors)
             if (fmt.quant_type, fmt.blocksize, tuple(fmt.shape), fmt.nested) != (
@@ -536,7 +538,7 @@ class QuantPartCheck(TensorCheck):
         problem = None
         if part in ("quant_map", "nested_quant_map"):
             want = qs.constant_part(self.qo)
-            got = torch.frombuffer(bytes(self.data), dtype=torch.float32) if self.data else torch.empty(0)
+            got = torch.frombuffer(self.data, dtype=torch.float32) if self.data else torch.empty(0)
             if not torch.equal(got, want.reshape(-1)):
                 problem = Fault("bytes differ", name, f"{part} is not bitsandbytes' "
                                 f"{self.qo.quant_type if part == 'quant_map' else '8-bit dynamic'} code book")
