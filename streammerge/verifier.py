@@ -234,7 +234,7 @@ def _merge_fixed_bytes(tensor: OutputTensor, probes: int) -> int:
 
 
 def verify_layout(plan: MergePlan, probes: int) -> VerifyLayout:
-    from .verify_checks import RTILES, RecomputeCheck, alignment, check_class, state_bytes
+    from .verify_checks import RTILE_BYTES, RecomputeCheck, alignment, check_class, state_bytes
 
     classes = {t.name: check_class(t) for t in plan.tensors}
     merges = [t for t in plan.tensors if classes[t.name] is LinearLoraCheck]
@@ -243,10 +243,10 @@ def verify_layout(plan: MergePlan, probes: int) -> VerifyLayout:
     tile = rtile = 0
     if merges:  # at least one row; at most ~1/16 of the budget in all tiles
         tile = max([min(TILE_ELEMENTS, budget // (16 * TILES * 8))] + [_rows_and_width(t.shape)[1] for t in merges])
-    if recomputes:  # float32 tiles, at least one aligned group of rows
-        rtile = max([min(TILE_ELEMENTS, budget // (16 * RTILES * 4))]
+    if recomputes:  # float32 tiles and their temporaries: ~1/16 of the budget, at least one aligned group of rows
+        rtile = max([min(TILE_ELEMENTS, budget // (16 * RTILE_BYTES))]
                     + [alignment(t) * _rows_and_width(t.weight_shape)[1] for t in recomputes])
-    fixed = TILES * tile * 8 + RTILES * rtile * 4
+    fixed = TILES * tile * 8 + RTILE_BYTES * rtile
     fixed += max([_merge_fixed_bytes(t, probes) for t in merges] + [state_bytes(t) for t in recomputes] + [0])
     fixed += budget // TEMPORARIES_SHARE  # small per-tile results (probe products, row norms, sums)
     from .verify_checks import alignment as _align

@@ -48,6 +48,9 @@ from .verifier import (
 )
 
 RTILES = 6  # float32 work tiles of a recompute check: acc, scratch, W, |Δ| bound, O, bound
+# bytes per tile element: the tiles, and the per-tile temporaries (float64 sums, masks, 4-bit codes and
+# their per-element bounds, the dequantized codes) that live while one tile is compared
+RTILE_BYTES = RTILES * 4 + 96
 _F32_EXPONENT_BITS = 0x7F800000
 DYNAMIC_MAP_GAP = 0.0141  # largest gap between adjacent values of bitsandbytes' 8-bit dynamic map (0.01406)
 

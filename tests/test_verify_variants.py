@@ -222,3 +222,41 @@ def test_16bit_from_4bit_base_delta_missing(bf16_case, qbase, merged, tmp_path):
     edit_tensors(bad, lambda t: t.__setitem__(PROBE, w_deq.to(torch.bfloat16)))
     report = verify(bad, base, [bf16_case.adapter_path])
     assert faults_of(report) == [("delta missing", PROBE)], report.table_lines()
+
+
+def test_verify_4bit_dora_peak_rss_is_runtime_plus_budget(tmp_path):
+    """verify of a merged_4bit output of a 4-bit base with DoRA and LoRA terms (decoded base rows,
+    recomputed DoRA rows, dequantized output codes, statistics) stays within runtime + --max-memory."""
+    from peft import LoraConfig, get_peft_model
+    from test_memory import peak_rss_of
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    budget = 16 * 10**6
+
+    def case(root, hidden, inter, vocab) -> int:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=8,
+                          num_key_value_heads=4, vocab_size=vocab, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(root / "bf16")
+        lora = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, use_dora=True, target_modules=["q_proj", "down_proj"])
+        get_peft_model(model.float(), lora).save_pretrained(root / "lora")
+        q = LlamaForCausalLM.from_pretrained(root / "bf16", device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+        q.save_pretrained(root / "q4")
+        streammerge.merge(str(root / "q4"), [str(root / "lora")], str(root / "out"), method="merged_4bit", device="cpu")
+        return (root / "out" / "model.safetensors").stat().st_size
+
+    big_bytes = case(tmp_path / "big", 512, 1024, 16000)
+    # the runtime: a ~1 MB model, as in test_memory big enough for the parallel kernel paths (a few MB, once)
+    case(tmp_path / "tiny", 256, 512, 1000)
+    assert big_bytes >= 1.5 * budget
+
+    def peak(root) -> int:
+        return peak_rss_of("verify", str(root / "out"), "--base", str(root / "q4"), "--adapter", str(root / "lora"),
+                           "--method", "merged_4bit", "--max-memory", str(budget), "--device", "cpu", "--quiet")
+
+    runtime, used = peak(tmp_path / "tiny"), peak(tmp_path / "big")
+    print(f"4-bit output {big_bytes / 1e6:.0f} MB, budget {budget / 1e6:.0f} MB, runtime {runtime / 1e6:.0f} MB, "
+          f"verify peak {used / 1e6:.0f} MB, over runtime {(used - runtime) / 1e6:.1f} MB")
+    assert used <= runtime + budget
