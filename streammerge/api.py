@@ -439,11 +439,11 @@ def verify(
     refuse_gguf_folder(out, opts)
     checkpoint, loaded, the_plan = _load(base, adapters, opts)
     missing = unverifiable(the_plan)
-    if missing:
+    if missing:  # anything without a check is refused, never passed unchecked
         from .errors import UnsupportedError
 
         what = "; ".join(f"{kind} ({len(names)} tensors, e.g. {names[0]})" for kind, names in sorted(missing.items()))
-        raise UnsupportedError(f"verify cannot check these adapter features yet: {what}; nothing was checked")
+        raise UnsupportedError(f"verify cannot check these yet: {what}; nothing was checked")
     device = resolve_device(opts.device)
     verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
                         check_record=check_record, progress=not quiet)

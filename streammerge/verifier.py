@@ -111,9 +111,19 @@ CHECK_LABELS = {
     "copy": "copied tensors (bytes)",
     "cast": "cast tensors (bytes of the cast)",
     "merge": "merged tensors (probe test)",
+    "recompute": "merged tensors (recomputed: DoRA, MoE)",
+    "bias_add": "biases with lora_bias (recomputed)",
+    "token_rows": "trainable-token rows (recomputed)",
+    "replace": "replaced tensors (adapter's bytes)",
+    "dequant": "dequantized 4/8-bit weights",
+    "quant": "4-bit weights (quantization step)",
+    "quant_stats": "4-bit statistics (code books, quant state)",
     "checksum": "shard checksums (streammerge.json)",
     "record": "recorded inputs (streammerge.json)",
 }
+
+
+BASIC_CHECKS = ("structure", "copy", "cast", "merge", "checksum", "record")  # always listed in the table
 
 
 @dataclass
@@ -161,6 +171,8 @@ class VerifyReport:
         lines.append(f"  {'check':<{width}}  {'checked':>7}  {'failed':>6}")
         for kind, label in CHECK_LABELS.items():
             row = self.checks.get(kind)
+            if row is None and kind not in BASIC_CHECKS:
+                continue
             if row is None:
                 lines.append(f"  {label:<{width}}  {'-':>7}  {'-':>6}  (not applicable)")
             else:
@@ -193,6 +205,7 @@ class VerifyLayout:
     chunk_bytes: int
     tile_elements: int
     fixed_bytes: int
+    rtile_elements: int = 0  # float32 tiles of the recompute checks
 
     @property
     def total(self) -> int:
@@ -200,8 +213,13 @@ class VerifyLayout:
 
 
 def _row_cost(tensor: OutputTensor) -> int:
-    width = _rows_and_width(tensor.shape)[1]
-    return width * (2 * ITEMSIZE[tensor.dtype] + ITEMSIZE[tensor.source.dtype])
+    """Chunk-buffer bytes per row: OUT's row, the base's row, a cast scratch, decoded float32 rows."""
+    from .verify_checks import base_row_bytes, decoded_row_bytes, out_row_bytes
+
+    if tensor.quant_out is not None and tensor.quant_out.part != "weight":
+        return 1  # statistic tensors are streamed as bytes
+    out_b = out_row_bytes(tensor)
+    return 2 * out_b + base_row_bytes(tensor) + decoded_row_bytes(tensor)
 
 
 def _merge_fixed_bytes(tensor: OutputTensor, probes: int) -> int:
@@ -210,19 +228,31 @@ def _merge_fixed_bytes(tensor: OutputTensor, probes: int) -> int:
     for term in tensor.loras:
         for src in (term.a, term.b):
             total += math.prod(src.shape) * (ITEMSIZE[src.dtype] + 3 * 8)  # raw, float64, |float64|
-    return total
+    from .quant.stream import state_bytes
+
+    return total + state_bytes(tensor)
 
 
 def verify_layout(plan: MergePlan, probes: int) -> VerifyLayout:
-    merges = [t for t in plan.tensors if t.op == "merge"]
+    from .verify_checks import RTILE_BYTES, RecomputeCheck, alignment, check_class, state_bytes
+
+    classes = {t.name: check_class(t) for t in plan.tensors}
+    merges = [t for t in plan.tensors if classes[t.name] is LinearLoraCheck]
+    recomputes = [t for t in plan.tensors if classes[t.name] is not None and issubclass(classes[t.name], RecomputeCheck)]
     budget = plan.options.max_memory
-    tile = 0
+    tile = rtile = 0
     if merges:  # at least one row; at most ~1/16 of the budget in all tiles
         tile = max([min(TILE_ELEMENTS, budget // (16 * TILES * 8))] + [_rows_and_width(t.shape)[1] for t in merges])
-    fixed = TILES * tile * 8 + max((_merge_fixed_bytes(t, probes) for t in merges), default=0)
+    if recomputes:  # float32 tiles and their temporaries: ~1/16 of the budget, at least one aligned group of rows
+        rtile = max([min(TILE_ELEMENTS, budget // (16 * RTILE_BYTES))]
+                    + [alignment(t) * _rows_and_width(t.weight_shape)[1] for t in recomputes])
+    fixed = TILES * tile * 8 + RTILE_BYTES * rtile
+    fixed += max([_merge_fixed_bytes(t, probes) for t in merges] + [state_bytes(t) for t in recomputes] + [0])
     fixed += budget // TEMPORARIES_SHARE  # small per-tile results (probe products, row norms, sums)
-    widest = max((_row_cost(t) for t in plan.tensors), default=1)
-    largest = max((_rows_and_width(t.shape)[0] * _row_cost(t) for t in plan.tensors), default=1)
+    from .verify_checks import alignment as _align
+
+    widest = max((_align(t) * _row_cost(t) for t in plan.tensors), default=1)
+    largest = max((_rows_and_width(t.weight_shape)[0] * _row_cost(t) for t in plan.tensors), default=1)
     chunk = budget - fixed
     if chunk < widest:
         need = fixed + widest
@@ -231,7 +261,7 @@ def verify_layout(plan: MergePlan, probes: int) -> VerifyLayout:
             f"tensor with its base row needs {format_size(widest)} besides {format_size(fixed)} of work space; "
             f"use at least --max-memory {math.ceil(need / 1e6)}MB"
         )
-    return VerifyLayout(min(chunk, max(largest, 1)), tile, fixed)
+    return VerifyLayout(min(chunk, max(largest, 1)), tile, fixed, rtile)
 
 
 # ---------------------------------------------------------------------------------- tensor checks
@@ -251,13 +281,38 @@ class Chunk:
 class Context:
     """What checks share: the device, probe settings, float64 tiles and a reader for factors."""
 
-    def __init__(self, device: torch.device, probes: int, seed: int, tile_elements: int, read: Callable[[str, int, memoryview], None]):
+    def __init__(self, device: torch.device, probes: int, seed: int, tile_elements: int, read: Callable[[str, int, memoryview], None],
+                 rtile_elements: int = 0, out_tensors: dict[str, tuple[str, TensorInfo]] | None = None):
+        from .verify_checks import RTILES
+
         self.device = device
         self.probes = probes
         self.seed = seed
         self.read = read
         # W', W (then W' − W), and the power of two of each element of W'
         self.tiles = [torch.empty(tile_elements, dtype=torch.float64, device=device) for _ in range(TILES)]
+        self.rtiles = [torch.empty(rtile_elements, dtype=torch.float32, device=device) for _ in range(RTILES if rtile_elements else 0)]
+        self.out_tensors = out_tensors or {}
+
+    def load(self, src) -> torch.Tensor:
+        """A whole input tensor (LoRA factors, statistics), on the host in its stored dtype."""
+        buf = bytearray(src.end - src.start)
+        self.read(src.file, src.start, memoryview(buf))
+        if not buf:
+            return torch.empty(src.shape, dtype=_torch_dtype(src.dtype))
+        return torch.frombuffer(buf, dtype=_torch_dtype(src.dtype)).reshape(src.shape)
+
+    def out_tensor(self, name: str) -> torch.Tensor | None:
+        """A small tensor of OUT (a 4-bit weight's statistics), None when missing or misshapen."""
+        where = self.out_tensors.get(name)
+        if where is None:
+            return None
+        path, info = where
+        buf = bytearray(info.end - info.start)
+        self.read(path, info.start, memoryview(buf))
+        if not buf:
+            return torch.empty(tuple(info.shape), dtype=_torch_dtype(info.dtype))
+        return torch.frombuffer(buf, dtype=_torch_dtype(info.dtype)).reshape(tuple(info.shape))
 
 
 def _as_tensor(view: memoryview, dtype: str, rows: int, width: int) -> torch.Tensor:
@@ -270,16 +325,36 @@ def _as_tensor(view: memoryview, dtype: str, rows: int, width: int) -> torch.Ten
 class TensorCheck(ABC):
     """Streams one output tensor's row chunks against what the plan says it must hold."""
 
+    category = ""  # the report's row (CHECK_LABELS); the op by default
+    needs_prepass = False  # True: `prepass(row_start, base_rows)` sees every base row before `feed`
+
     def __init__(self, tensor: OutputTensor, ctx: Context):
         self.tensor = tensor
         self.ctx = ctx
-        self.rows, self.width = _rows_and_width(tensor.shape)
+        self.category = self.category or tensor.op
+        self.rows, self.width = _rows_and_width(tensor.weight_shape)
+        self.align = 1  # chunks start at multiples of this many rows
+        self.base = self._base_rows()
+
+    def _base_rows(self):
+        """How the base's rows are read (None: the check reads only OUT's bytes, as one row of bytes)."""
+        from .verify_checks import BaseRows
+
+        return BaseRows(self.tensor, self.ctx)
+
+    def out_span(self, r0: int, r1: int) -> tuple[int, int]:
+        """(offset in OUT's tensor, length) of rows [r0, r1)."""
+        row = self.width * ITEMSIZE[self.tensor.dtype]
+        return r0 * row, (r1 - r0) * row
+
+    def prepass(self, row_start: int, base_rows: torch.Tensor) -> None:
+        raise NotImplementedError
 
     @abstractmethod
     def feed(self, chunk: Chunk) -> None: ...
 
     @abstractmethod
-    def finish(self) -> tuple[TensorResult, Fault | None]: ...
+    def finish(self) -> tuple[TensorResult, Fault | list[Fault] | None]: ...
 
 
 class BytesCheck(TensorCheck):
@@ -319,7 +394,8 @@ class BytesCheck(TensorCheck):
             return result, None
         total = self.rows * self.width
         row = self.first // max(self.width, 1)
-        what = "the base" if self.tensor.op == "copy" else f"the base cast to {self.tensor.dtype}"
+        src = "the adapter's saved tensor" if self.tensor.op == "replace" else "the base"
+        what = src if self.tensor.source.dtype == self.tensor.dtype else f"{src} cast to {self.tensor.dtype}"
         fault = Fault(
             "bytes differ", self.tensor.name,
             f"bytes differ from {what}: {self.differing} of {total} elements (first at row {row})",
@@ -336,6 +412,15 @@ class CastCheck(BytesCheck):
         dst = _as_tensor(chunk.scratch, self.tensor.dtype, chunk.rows, self.width)
         dst.copy_(src)
         return chunk.scratch[:nbytes]
+
+
+class ReplaceCheck(CastCheck):
+    """modules_to_save / saved embeddings / saved biases: OUT holds the adapter's tensor (or its cast)."""
+
+    def expected(self, chunk: Chunk, nbytes: int) -> memoryview:
+        if self.tensor.source.dtype == self.tensor.dtype:
+            return chunk.base[:nbytes]
+        return super().expected(chunk, nbytes)
 
 
 @dataclass
@@ -357,9 +442,12 @@ class LinearLoraCheck(TensorCheck):
 
     def __init__(self, tensor: OutputTensor, ctx: Context):
         super().__init__(tensor, ctx)
+        from .verify_checks import alignment
+
         dev, p = ctx.device, ctx.probes
+        self.align = alignment(tensor)
         self.u = _UNIT_ROUNDOFF.get(tensor.dtype, 2.0**-8)
-        self.cast = tensor.source.dtype != tensor.dtype
+        self.cast = self.base.dtype != tensor.dtype
         n_terms = len(tensor.loras)
         # Another tool may add the terms one by one, rounding to the output dtype after each (PEFT with
         # several adapters on a 16-bit model): up to T half-ulps. float32 additions before the final
@@ -375,6 +463,15 @@ class LinearLoraCheck(TensorCheck):
         self.terms: list[_Term] = []
         for term in tensor.loras:
             a, b = self._factor(term.a), self._factor(term.b)
+            if term.expert is not None:  # one expert's factors of a fused expert LoRA, and a row range of B
+                from .ops import expert_factors
+
+                a_e, b_e = expert_factors(a, b, term.experts)
+                a, b = a_e[term.expert].contiguous(), b_e[term.expert]
+                if term.b_rows is not None:
+                    b = b[term.b_rows[0]:term.b_rows[1]]
+                b = b.contiguous()
+                del a_e, b_e
             rank = a.shape[0]
             col, row = (a, b.T.contiguous()) if term.transpose else (b.T.contiguous(), a)
             del a, b
@@ -401,14 +498,15 @@ class LinearLoraCheck(TensorCheck):
         self.nonfinite = 0
 
     def _factor(self, src) -> torch.Tensor:
-        buf = bytearray(src.end - src.start)
-        self.ctx.read(src.file, src.start, memoryview(buf))
-        raw = torch.frombuffer(buf, dtype=_torch_dtype(src.dtype)).reshape(src.shape) if buf else torch.empty(src.shape)
-        return raw.to(device=self.ctx.device, dtype=torch.float64)
+        return self.ctx.load(src).to(device=self.ctx.device, dtype=torch.float64)
+
+    @property
+    def needs_prepass(self) -> bool:
+        return False
 
     def feed(self, chunk: Chunk) -> None:
         out = _as_tensor(chunk.out, self.tensor.dtype, chunk.rows, self.width)
-        base = _as_tensor(chunk.base, self.tensor.source.dtype, chunk.rows, self.width)
+        base = self.base.rows(chunk.base, chunk.row_start, chunk.row_start + chunk.rows)
         tile_rows = max(1, self.ctx.tiles[0].numel() // max(self.width, 1))
         for a in range(0, chunk.rows, tile_rows):
             b = min(chunk.rows, a + tile_rows)
@@ -561,17 +659,22 @@ def _fmt_factor(k: float) -> str:
     return f"{k:.1f}" if abs(k - round(k, 1)) < 0.005 else f"{k:.3g}"
 
 
-CHECKS: dict[str, type[TensorCheck]] = {"copy": BytesCheck, "cast": CastCheck, "merge": LinearLoraCheck}
 PROBED_KINDS = ("lora", "embedding")  # term kinds whose delta is s·B·A (transposed or not)
 
 
 def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
-    """Operations and LoRA term kinds this verifier has no check for yet, with the tensors using them:
-    refusing them beats a check that cannot fail (DoRA rescales rows, so the probe test does not apply)."""
+    """Operations, LoRA term kinds and codecs this verifier has no check for, with the tensors using
+    them: refusing them beats a check that cannot fail. (`verify_checks.check_class` picks the checks.)"""
+    from .verify_checks import KNOWN_KINDS, check_class
+
     out: dict[str, list[str]] = {}
     for t in plan.tensors:
-        kinds = [t.op] if t.op not in CHECKS else [term.kind for term in t.loras if term.kind not in PROBED_KINDS]
-        for kind in kinds:
+        if check_class(t) is not None:
+            continue
+        kinds = [term.kind for term in t.loras if term.kind not in KNOWN_KINDS]
+        if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
+            kinds.append(f"{t.quant_in.codec} base")
+        for kind in kinds or [t.op]:
             out.setdefault(kind, []).append(t.name)
     return out
 
@@ -691,6 +794,16 @@ def record_faults(record: dict[str, Any], plan: MergePlan, checkpoint: Checkpoin
             f"{format_size(plan.options.max_shard_size)} (only the shard layout differs; tensors are checked by name)"
         )
     return faults, notes
+
+
+def _shape_ok(tensor: OutputTensor, info: TensorInfo) -> bool:
+    """OUT's header entry has the planned shape and dtype (a double-quant quant-state JSON: any length
+    up to the planned bound, since its length depends on the data)."""
+    if info.dtype != tensor.dtype:
+        return False
+    if tensor.quant_out is not None and not tensor.quant_out.exact_size:
+        return len(info.shape) == 1 and 0 < info.shape[0] <= tensor.shape[0]
+    return tuple(info.shape) == tuple(tensor.shape)
 
 
 def _files_text(files: list[tuple[Any, Any]]) -> str:
@@ -824,7 +937,7 @@ class Verifier:
             if info is None:
                 why = f"its shard {lost[name]}" if name in lost else "planned but not in the folder"
                 self.faults.append(Fault("missing tensor", name, f"missing tensor: {why}"))
-            elif tuple(info.shape) != tuple(tensor.shape) or info.dtype != tensor.dtype:
+            elif not _shape_ok(tensor, info):
                 self.faults.append(Fault(
                     "shape/dtype differs", name,
                     f"shape/dtype differs: {list(info.shape)} {info.dtype}, expected {list(tensor.shape)} {tensor.dtype}",
@@ -846,7 +959,9 @@ class Verifier:
         """The one pass over OUT, shard by shard in file order: hash what the record lists, check
         every tensor whose structure is right."""
         expected = {t.name: t for t in self.plan.tensors}
-        ctx = Context(self.device, self.probes, self.seed, self.layout.tile_elements, self._read)
+        out_tensors = {name: (str(found[name][0].path), found[name][1]) for name in checkable}
+        ctx = Context(self.device, self.probes, self.seed, self.layout.tile_elements, self._read,
+                      self.layout.rtile_elements, out_tensors)
         self._bar = self._progress_bar(files)
         results: list[TensorResult] = []
         hashes: dict[str, str] = {}
@@ -860,12 +975,13 @@ class Verifier:
                         self._hash_range(str(f.path), info.start, info.end, buffer, hasher)
                     continue
                 tensor = expected[name]
-                result, fault = self._check_tensor(tensor, info, f, ctx, buffer, hasher)
+                category, result, faults = self._check_tensor(tensor, info, f, ctx, buffer, hasher)
                 results.append(result)
-                self.checks[tensor.op]["checked"] += 1
-                if fault is not None:
-                    self.checks[tensor.op]["failed"] += 1
-                    self.faults.append(fault)
+                row = self.checks.setdefault(category, {"checked": 0, "failed": 0})
+                row["checked"] += 1
+                if faults:
+                    row["failed"] += 1
+                    self.faults += faults
             if hasher is not None:
                 hashes[f.path.name] = hasher.hexdigest()
         if self._bar is not None:
@@ -896,28 +1012,60 @@ class Verifier:
                 self.faults.append(Fault("checksum mismatch", f.path.name, f"{f.path.name} is not one of the shards recorded in {RECORD_FILE}"))
 
     def _check_tensor(self, tensor: OutputTensor, info: TensorInfo, f: SafetensorsFile, ctx: Context, buffer: bytearray,
-                      hasher) -> tuple[TensorResult, Fault | None]:
-        check = CHECKS[tensor.op](tensor, ctx)
-        rows, width = _rows_and_width(tensor.shape)
-        src = tensor.source
-        out_row = width * ITEMSIZE[tensor.dtype]
-        base_row = width * ITEMSIZE[src.dtype]
-        step = max(1, self.layout.chunk_bytes // max(_row_cost(tensor), 1))
-        if self.plan.options.max_chunk_rows:
-            step = min(step, self.plan.options.max_chunk_rows)
+                      hasher) -> tuple[str, TensorResult, list[Fault]]:
+        """Stream one tensor of OUT (and the base rows its check needs) through its check."""
+        from .verify_checks import check_class
+
+        check = check_class(tensor)(tensor, ctx)
+        path = str(f.path)
         view = memoryview(buffer)
-        for r0 in range(0, rows if out_row else 0, step):
-            n = min(rows, r0 + step) - r0
-            o_len, b_len = n * out_row, n * base_row
+        if check.base is None:  # OUT's bytes only
+            for pos in range(info.start, info.end, len(view)):
+                n = min(len(view), info.end - pos)
+                self._read(path, pos, view[:n], progress=True)
+                if hasher is not None:
+                    hasher.update(view[:n])
+                check.feed(Chunk(pos - info.start, n, view[:n], view[:0], view[:0]))
+            return self._finish(check)
+        rows, align = check.rows, check.align
+        step = max(align, self.layout.chunk_bytes // max(_row_cost(tensor), 1) // align * align)
+        if self.plan.options.max_chunk_rows:
+            step = min(step, max(align, self.plan.options.max_chunk_rows // align * align))
+        src = tensor.source
+        base = check.base
+        stages = []
+        if base.needs_stats:  # a double-quant round trip: the base's statistics first
+            stages.append((lambda r0, r1, v: base.roundtrip.observe(base.rows(v, r0, r1, raw=True)), base.roundtrip.finish_stats))
+        if check.needs_prepass:  # column-norm DoRA: every row of W + ΔW first
+            stages.append((lambda r0, r1, v: check.prepass(r0, base.rows(v, r0, r1)), None))
+        has_rows = rows > 0 and check.width > 0
+        for stage, done in stages:
+            for r0 in range(0, rows if has_rows else 0, step):
+                r1 = min(rows, r0 + step)
+                offset, length = base.span(r0, r1)
+                self._read(src.file, offset, view[:length])
+                stage(r0, r1, view[:length])
+            if done is not None:
+                done()
+        for r0 in range(0, rows if has_rows else 0, step):
+            r1 = min(rows, r0 + step)
+            o_off, o_len = check.out_span(r0, r1)
+            b_off, b_len = base.span(r0, r1)
             out_v = view[:o_len]
             base_v = view[o_len : o_len + b_len]
             scratch = view[o_len + b_len : o_len + b_len + o_len]
-            self._read(str(f.path), info.start + r0 * out_row, out_v, progress=True)
+            self._read(path, info.start + o_off, out_v, progress=True)
             if hasher is not None:
                 hasher.update(out_v)
-            self._read(src.file, src.start + r0 * base_row, base_v)
-            check.feed(Chunk(r0, n, out_v, base_v, scratch))
-        return check.finish()
+            self._read(src.file, b_off, base_v)
+            check.feed(Chunk(r0, r1 - r0, out_v, base_v, scratch))
+        return self._finish(check)
+
+    @staticmethod
+    def _finish(check: TensorCheck) -> tuple[str, TensorResult, list[Fault]]:
+        result, fault = check.finish()
+        faults = [] if fault is None else fault if isinstance(fault, list) else [fault]
+        return check.category, result, faults
 
     def _hash_range(self, path: str, start: int, end: int, buffer: bytearray, hasher) -> None:
         view = memoryview(buffer)
