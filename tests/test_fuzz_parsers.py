@@ -160,7 +160,7 @@ def mutated_file(draw) -> bytes:
         elif op == "dupkey" and names:
             dup = json.dumps(names[0]).encode() + b':{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
             raw[8:9] = b"{" + dup  # same length prefix: the header grows, its tail spills into the data
-            raw[:8] = struct.pack("<Q", struct.unpack("<Q", raw[:8])[0] + len(dup))
+            raw[:8] = struct.pack("<Q", (struct.unpack("<Q", raw[:8])[0] + len(dup)) % 2**64)
         elif op == "splice" and len(raw) > 8:
             i = draw(st.integers(8, len(raw) - 1))
             raw[i:i + draw(st.integers(0, 6))] = draw(st.binary(max_size=6))

@@ -349,7 +349,7 @@ def test_llama3_rope_freqs_match_transformers(make_base, make_adapter, tmp_path)
     base = make_base("llama", tokenizer="bpe-llama3", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
                      max_position_embeddings=512, rope_parameters=rope)
     adapter = make_adapter(base)
-    case = Case(arch, base, adapter.adapter_path, {}, {}, {}, base, adapter.input_ids)
+    case = Case("llama", base, adapter.adapter_path, {}, {}, {}, base, adapter.input_ids)
     files = gguf_merge(case, tmp_path / "out", "bf16")
     stored = {t.name: t for t in gguf.GGUFReader(str(files[0])).tensors}
     assert stored["rope_freqs.weight"].tensor_type.name == "F32"
