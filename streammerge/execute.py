@@ -30,8 +30,8 @@ from .planner import SHARD_METADATA, MergePlan, OutputShard, OutputTensor, Sourc
 from .quant import stream as qs
 from .terms import TensorMath, factor_bytes, needs_prepass
 
-READ_BUFFERS = 3  # one being read, one queued, one being computed on (or written, for copies)
-WRITE_BUFFERS = 2  # one being filled by the math, one being written
+READ_BUFFERS = 4  # one being read, one queued, one being computed on, one written or hashed (copies)
+WRITE_BUFFERS = 3  # one being filled by the math, one being written, one being hashed
 WORK_BUFFERS = 1  # bitsandbytes chunks: the float32 rows and quantize_4bit's temporaries
 QUANT_ROW_COST = 12  # bytes per element of a bitsandbytes chunk: float32 rows, scaled copy, int32 codes
 
@@ -420,6 +420,7 @@ class Executor:
         self._schedule = list(schedule(plan, self.done, self.finished))
         self._cancelled = cancel_event if cancel_event is not None else threading.Event()
         self._finished_run = False
+        self._open_writers: list[ShardWriter] = []  # opened by the writer thread, not yet committed
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
         # 4-bit outputs: small statistics per weight until written, the last pass's absmax, the
@@ -497,11 +498,10 @@ class Executor:
         except BaseException as exc:
             self._fail(exc)
 
-    # -- writer thread: sequential appends, sha256 on the fly, commit by rename
+    # -- writer thread: sequential appends; hasher thread: sha256 + crc32, journal, commit by rename
 
-    def _writer(self, in_q: queue.Queue, stats: RunStats, bar) -> None:
-        writer: ShardWriter | None = None
-        shard: OutputShard | None = None
+    def _writer(self, in_q: queue.Queue, hash_q: queue.Queue, bar) -> None:
+        """Writes each chunk at its place and hands it on: the hashing runs beside the writes."""
         try:
             while (item := _get(in_q, self._cancelled)) is not None:
                 kind = item[0]
@@ -514,23 +514,51 @@ class Executor:
                         writer = ShardWriter(path, header, shard.size)
                     else:
                         writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
-                    if self.on_shard_open is not None:
-                        self.on_shard_open(shard)
+                    self._open_writers.append(writer)  # closed by the hasher's commit, or by run() on failure
+                    item = ("open", shard, writer)
                     if bar is not None:
                         bar.update(writer.position)
                 elif kind == "data":
+                    writer.write(item[1], hash=False)
+                    if bar is not None:
+                        bar.update(len(item[1]))
+                _put(hash_q, item, self._cancelled)
+            _put(hash_q, None, self._cancelled)
+        except _Stop:
+            pass
+        except OSError as exc:
+            cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else OutputError
+            self._fail(cls(f"writing {self.out_dir}: {exc.strerror or exc}"))
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _hasher(self, in_q: queue.Queue, stats: RunStats) -> None:
+        """After the writer: the shard's sha256 and each tensor's crc32 (for the journal), then the
+        callbacks, which so only ever name bytes already written; commits each finished shard."""
+        writer: ShardWriter | None = None
+        shard: OutputShard | None = None
+        crc = 0
+        try:
+            while (item := _get(in_q, self._cancelled)) is not None:
+                kind = item[0]
+                if kind == "open":
+                    _, shard, writer = item
+                    if self.on_shard_open is not None:
+                        self.on_shard_open(shard)
+                elif kind == "data":
                     _, data, release = item
-                    writer.write(data)
+                    writer.absorb(data)
+                    crc = zlib.crc32(data, crc)
                     release()
                     stats.bytes_written += len(data)
-                    if bar is not None:
-                        bar.update(len(data))
                 elif kind == "tensor":
                     stats.tensors_done += 1
                     if self.on_tensor_done is not None:
-                        self.on_tensor_done(shard, item[1], item[2])
+                        self.on_tensor_done(shard, item[1], crc)
+                    crc = 0
                 elif kind == "close":
                     sha = writer.commit(rename=item[1].filename not in self.hold)
+                    self._open_writers.remove(writer)
                     writer = None
                     stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
                     if self.on_shard_done is not None:
@@ -543,9 +571,6 @@ class Executor:
             self._fail(cls(f"writing {self.out_dir}: {exc.strerror or exc}"))
         except BaseException as exc:
             self._fail(exc)
-        finally:
-            if writer is not None:
-                writer.close(sync=True)  # what was written stays, for the next run to verify and keep
 
     # -- compute (calling thread)
 
@@ -733,14 +758,15 @@ class Executor:
             bar = tqdm(total=self.plan.file_bytes, initial=kept, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
                        file=sys.stderr, dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
-        writer = threading.Thread(target=self._writer, args=(write_q, stats, bar), name="streammerge-write", daemon=True)
+        hash_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
+        writer = threading.Thread(target=self._writer, args=(write_q, hash_q, bar), name="streammerge-write", daemon=True)
+        hasher = threading.Thread(target=self._hasher, args=(hash_q, stats), name="streammerge-hash", daemon=True)
         if self.inputs is not None:
             self.inputs.begin([f for item in self._schedule if item[0] == "pass" for f in _pass_files(item[1].tensor)])
         reader.start()
         writer.start()
+        hasher.start()
         state: _PassState | None = None
-        crc = 0  # crc32 of the tensor's output bytes for the journal, computed here in chunk order so
-        # that the writer thread (already hashing the shard with sha256) is not slowed down by it
         on_device = self.device.type != "cpu"
         try:
             while (item := _get(read_q, self._cancelled)) is not None:
@@ -754,7 +780,7 @@ class Executor:
                 if kind == "part":
                     data = self._part_bytes(item[1])
                     _put(write_q, ("data", data, lambda: None), self._cancelled)
-                    _put(write_q, ("tensor", self._current[item[1].name], zlib.crc32(data)), self._cancelled)
+                    _put(write_q, ("tensor", self._current[item[1].name]), self._cancelled)
                     continue
                 _, chunk, buf, length = item
                 if chunk.first:
@@ -765,7 +791,6 @@ class Executor:
                         torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
                 elif is_passthrough(chunk.tensor):  # bytes as they are: hand the read buffer to the writer
-                    crc = zlib.crc32(memoryview(buf)[:length], crc)
                     _put(write_q, ("data", memoryview(buf)[:length], lambda b=buf: read_pool.give(b)), self._cancelled)
                 else:
                     out_buf = write_pool.take()
@@ -773,14 +798,12 @@ class Executor:
                     if on_device:
                         torch.cuda.current_stream(self.device).synchronize()
                     read_pool.give(buf)
-                    crc = zlib.crc32(memoryview(out_buf)[:out_len], crc)
                     _put(write_q, ("data", memoryview(out_buf)[:out_len], lambda b=out_buf: write_pool.give(b)), self._cancelled)
                 if chunk.last:
                     self._end(chunk, state)
                     state = None
                     if chunk.purpose == "write":
-                        _put(write_q, ("tensor", self._current.get(chunk.tensor.name, chunk.tensor), crc), self._cancelled)
-                        crc = 0
+                        _put(write_q, ("tensor", self._current.get(chunk.tensor.name, chunk.tensor)), self._cancelled)
             _put(write_q, None, self._cancelled)
         except _Stop:
             pass
@@ -789,6 +812,10 @@ class Executor:
         finally:
             reader.join()
             writer.join()
+            hasher.join()
+            for open_writer in self._open_writers:  # an unfinished shard: what was written stays, for
+                open_writer.close(sync=True)  # the next run to verify and keep
+            self._open_writers.clear()
             if self.inputs is not None:
                 self.inputs.end()
             if bar is not None:

@@ -331,18 +331,24 @@ class ShardWriter:
     def position(self) -> int:
         return self._pos
 
-    def write(self, data: memoryview | bytes) -> None:
+    def write(self, data: memoryview | bytes, *, hash: bool = True) -> None:
+        """Append `data`; with `hash=False` the caller feeds the same bytes, in order, to `absorb`
+        (from another thread: hashing then overlaps the writes)."""
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], self._pos + done)
-        self._hash.update(view)
+        if hash:
+            self._hash.update(view)
         self._pos += len(view)
         if self._pos - self._synced >= _SYNC_EVERY:
             # Flush and drop written pages periodically so dirty page cache stays bounded.
             os.fdatasync(self._fd)
             release_cache(self._fd, self._synced, self._pos - self._synced)
             self._synced = self._pos
+
+    def absorb(self, data: memoryview | bytes) -> None:
+        self._hash.update(memoryview(data).cast("B"))
 
     def sync(self) -> None:
         os.fdatasync(self._fd)
