@@ -120,7 +120,8 @@ def journal_tensors(out: Path) -> int:
 
 def command(base: Path, lora: Path, out: Path, args) -> list[str]:
     return [sys.executable, "-m", "streammerge", "merge", str(base), str(lora), "--out", str(out), "--quiet",
-            "--max-shard-size", args.max_shard_size, "--max-memory", args.max_memory, "--device", "cpu"]
+            "--max-shard-size", args.max_shard_size, "--max-memory", args.max_memory, "--device", "cpu",
+            "--method", args.method]
 
 
 def env() -> dict[str, str]:
@@ -202,6 +203,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--max-shard-size", default="40MB")
+    p.add_argument("--method", default="merged_16bit", help="merged_16bit or merged_4bit (double quant: layouts resolved at run time)")
     p.add_argument("--max-memory", default="64MB")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "chaos")
     args = p.parse_args()

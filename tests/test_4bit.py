@@ -581,3 +581,17 @@ def test_merged_4bit_resumes_byte_identical(kind, bf16_case, qbase, merged, tmp_
         ours, ref = (json.loads((d / "streammerge.json").read_text()) for d in (out, reference))
         assert ours["shards"] == ref["shards"] and ours["total_size"] == ref["total_size"]
     assert layouts_seen > 0, "fixture error: no shard layout was resolved at run time"
+
+
+def test_merged_4bit_from_a_config_without_architectures(bf16_case, merged, tmp_path):
+    """A config.json without `architectures` (written by LlamaConfig.save_pretrained, or by hand):
+    the linear layers come from the model type's causal LM, and the output is the same."""
+    base = tmp_path / "base"
+    shutil.copytree(bf16_case.base_path, base)
+    config = json.loads((base / "config.json").read_text())
+    del config["architectures"]
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    streammerge.merge(str(base), [str(bf16_case.adapter_path)], str(out), method="merged_4bit", device="cpu")
+    reference = merged(bf16_case.base_path, bf16_case.adapter_path, method="merged_4bit")
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

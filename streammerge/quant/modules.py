@@ -45,13 +45,19 @@ def _meta_model(config: Mapping[str, Any]):
 
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    if model_type not in CONFIG_MAPPING or not archs or not hasattr(transformers, archs[0]):
+    if model_type not in CONFIG_MAPPING:
         return None
     d = {k: v for k, v in config.items() if k != "quantization_config"}
     with _quiet():
         cfg = CONFIG_MAPPING[model_type].from_dict(d)
         with torch.device("meta"):
-            return getattr(transformers, archs[0])(cfg)
+            if archs and hasattr(transformers, archs[0]):
+                return getattr(transformers, archs[0])(cfg)
+            if archs:
+                return None
+            from transformers import AutoModelForCausalLM  # a config without `architectures`: its model type's LM
+
+            return AutoModelForCausalLM.from_config(cfg)
 
 
 def linear_modules(config: Mapping[str, Any] | None, skip_modules: Sequence[str] | None = None) -> LinearModules | None:
