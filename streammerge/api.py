@@ -215,7 +215,7 @@ def merge(
     say = report or (lambda message: None)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
-    from .execute import Executor, _fix_malloc_threshold, resolve_device  # after the checks: a bad input is refused without torch
+    from .execute import Executor, _fix_malloc_threshold, done_tensors, resolve_device  # after the checks
 
     _fix_malloc_threshold()  # before reading inputs: their read blocks must not raise glibc's dynamic threshold
     if not opts.allow_nonfinite:
@@ -236,10 +236,8 @@ def merge(
             run.seconds = time.perf_counter() - started
             return run
         resume = run.resume
-        done = frozenset(t.name for s in the_plan.shards if s.filename in resume.finished for t in s.tensors) | frozenset(
-            t.name for s in the_plan.shards if s.filename in resume.partial for t in s.tensors[: resume.partial[s.filename].done])
         hub = HubRun(checkpoint, the_plan, out, low_disk=low_disk, push_to_hub=push_to_hub, private=private,
-                     revision=push_revision, quiet=quiet, done=done, on_uploaded=run.shard_pushed)
+                     revision=push_revision, quiet=quiet, done=done_tensors(the_plan, resume), on_uploaded=run.shard_pushed)
         others = checkpoint.other_files()
         if hub.inputs is not None:
             hub.check_disk_space()  # output and downloads, per filesystem
@@ -257,17 +255,7 @@ def merge(
             if resume.tensors_done:
                 say(f"resumed: {resume.tensors_done}/{len(the_plan.tensors)} tensors already done "
                     f"(verified against the journal in {resume.seconds:.1f} s)")
-            if opts.method == "lora":
-                copied = _write_adapter_files(loaded[0], out)
-            else:
-                copied = copy_other_files(others, out)
-                config = merged_config(checkpoint.config, opts.dtype, the_plan.quantization_config)
-                if config is not None:
-                    if the_plan.untied:
-                        from .model_info import untied_config
-
-                        config = untied_config(config)
-                    atomic_write_json(out / "config.json", config)
+            copied = _write_small_files(the_plan, checkpoint, loaded, others, out)
             _check_cancel(cancel)
             last = the_plan.shards[-1].filename
 
@@ -386,6 +374,22 @@ def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
     for name in ("config.json", RECORD_FILE, INDEX_FILE):  # temp files of writes a kill interrupted
         for leftover in out.glob(f".{name}.*.tmp"):
             leftover.unlink(missing_ok=True)
+
+
+def _write_small_files(plan: MergePlan, checkpoint, loaded: list[Adapter], others: list[Path], out: Path) -> list[str]:
+    """Everything but the weights: the adapter's config and card (--method lora), or the base's
+    non-weight files and config.json (dtype, quantization_config, untied embeddings as written)."""
+    if plan.options.method == "lora":
+        return _write_adapter_files(loaded[0], out)
+    copied = copy_other_files(others, out)
+    config = merged_config(checkpoint.config, plan.options.dtype, plan.quantization_config)
+    if config is not None:
+        if plan.untied:
+            from .model_info import untied_config
+
+            config = untied_config(config)
+        atomic_write_json(out / "config.json", config)
+    return copied
 
 
 def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:

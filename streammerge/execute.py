@@ -348,6 +348,18 @@ class Resume(Protocol):
     layouts: Mapping[str, OutputShard]  # shard layouts as the interrupted run resolved them
 
 
+def done_tensors(plan: MergePlan, resume: Resume | None) -> frozenset[str]:
+    """Tensors an interrupted run finished: all of its finished shards, the verified prefix of a partial one."""
+    if resume is None:
+        return frozenset()
+    return frozenset(
+        t.name for s in plan.shards for t in (
+            s.tensors if s.filename in resume.finished
+            else s.tensors[: resume.partial[s.filename].done] if s.filename in resume.partial else ()
+        )
+    )
+
+
 def _refuse_nonfinite(chunk: Chunk, base: torch.Tensor, out: torch.Tensor) -> None:
     """NaN/Inf made by the merge (or by a cast that overflows) is an error naming the tensor,
     before the chunk is written; a cast keeps the non-finite values the base already had."""
@@ -410,12 +422,7 @@ class Executor:
         self.finished = frozenset(resume.finished) if resume is not None else frozenset()
         self.partial: Mapping[str, Any] = dict(resume.partial) if resume is not None else {}
         recorded = dict(resume.layouts) if resume is not None else {}
-        self.done = frozenset(
-            t.name for s in plan.shards for t in (
-                s.tensors if s.filename in self.finished
-                else s.tensors[: self.partial[s.filename].done] if s.filename in self.partial else ()
-            )
-        )
+        self.done = done_tensors(plan, resume)
         self.layout = plan_layout(plan)
         self._schedule = list(schedule(plan, self.done, self.finished))
         self._cancelled = cancel_event if cancel_event is not None else threading.Event()
