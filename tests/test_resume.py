@@ -53,8 +53,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(base, adapter, out, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "streammerge", "merge", str(base), str(adapter), "--out", str(out), *map(str, extra)]
+# The index is written within milliseconds of the last shard's rename; a merge whose write_index
+# first waits 0.3 s keeps that moment open long enough to be caught (the product is unchanged).
+SLOW_INDEX = (
+    "import sys, time; import streammerge.api as api; write = api.write_index; "
+    "api.write_index = lambda *a, **k: (time.sleep(0.3), write(*a, **k))[1]; "
+    "from streammerge.cli import entry; entry()"
+)
+
+
+def start(base, adapter, out, *extra, slow_index: bool = False) -> subprocess.Popen:
+    program = ["-c", SLOW_INDEX] if slow_index else ["-m", "streammerge"]
+    cmd = [sys.executable, *program, "merge", str(base), str(adapter), "--out", str(out), *map(str, extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(REPO_ROOT))
 
 
@@ -185,7 +195,8 @@ def test_sigkill_at_any_moment_resumes_byte_identical(case, plan_shards, referen
     total = sum(n for _, n in plan_shards)
     for attempt in range(6):  # a short window can be missed on a busy machine; try again
         shutil.rmtree(out, ignore_errors=True)
-        frozen = kill_when(start(base, adapter, out, *SHARDED, "--quiet"), out, _moments(plan_shards)[moment])
+        proc = start(base, adapter, out, *SHARDED, "--quiet", slow_index=moment == "during_index_writing")
+        frozen = kill_when(proc, out, _moments(plan_shards)[moment])
         if frozen is not None:
             break
     assert frozen is not None, f"never caught the moment {moment!r}"
