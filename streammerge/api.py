@@ -264,6 +264,10 @@ def merge(
                 if hub.upload_shard is not None:
                     hub.upload_shard(filename, out / (filename + ".partial" if filename == last else filename))
 
+            if hub.upload_shard is not None:  # shards an interrupted streaming push finished but had not uploaded
+                for kept in resume.finished.values():
+                    if kept.path is not None:
+                        hub.upload_shard(kept.filename, kept.path)
             executor = Executor(
                 the_plan, out, device=device, progress=not quiet, inputs=hub.inputs, resume=resume, hold={last},
                 on_shard_open=run.shard_open, on_tensor_done=run.tensor_done, on_shard_done=shard_done,

@@ -368,7 +368,8 @@ def verify(out: Path, plan: MergePlan, records: list[dict[str, Any]], cancel=Non
         kept = len(state.records)
         final = Path(out) / shard.filename
         commit = commits.get(shard.filename)
-        if shard.filename in pushed and commit is not None and not final.exists() and not partial_path(final).exists():
+        if (shard.filename in pushed and commit is not None and all(t.name in recs for t in shard.tensors)
+                and not final.exists() and not partial_path(final).exists()):
             # uploaded to the Hub and deleted (--low-disk --push-to-hub): the Hub holds it
             state.finished[shard.filename] = FinishedShard(shard.filename, shard.size, commit.get("sha256"), None)
             _keep(state, shard, recs, len(shard.tensors), commit, pushed=True)

@@ -181,8 +181,11 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.loads(body)
             repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
             entry["payload"] = data
-            if repo_id in self.hub.repos:
-                return self._error(entry, 409, "RepoExists", "You already created this model repo")
+            if repo_id in self.hub.repos:  # the Hub's 409 names the repo's url, which create_repo(exist_ok) returns
+                h = {"X-Error-Code": "RepoExists", "X-Error-Message": "You already created this model repo",
+                     "Content-Type": "application/json"}
+                body = {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}
+                return self._send(entry, 409, json.dumps(body).encode(), h)
             self.hub.repos[repo_id] = Repo(private=data.get("visibility") == "private" or bool(data.get("private")))
             repo = self.hub.repos[repo_id]
             repo.commit({".gitattributes": b"*.safetensors filter=lfs\n"}, "main", "initial commit")
@@ -207,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         sha, files = found
         if action == "preupload":
             wanted = json.loads(body)["files"]
+            entry["asked"] = sorted(f["path"] for f in wanted)
             return self._json(entry, 200, {"files": [
                 {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                  "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}

@@ -498,3 +498,49 @@ def test_resumed_hub_merge_fetches_only_what_remains(fake_hub, hub_case, tmp_pat
     assert not (out / ".streammerge").exists()
     assert [s["sha256"] for s in json.loads((out / "streammerge.json").read_text())["shards"]] == [
         s["sha256"] for s in json.loads((reference / "streammerge.json").read_text())["shards"]]
+
+
+def test_resumed_streaming_push_keeps_the_shards_already_on_the_hub(fake_hub, hub_case, tmp_path):
+    """--low-disk --push-to-hub killed after its first output shard was uploaded (and deleted here):
+    the re-run trusts the journal's record of the upload, neither recomputes nor re-uploads that
+    shard, and the repo ends up with every shard's bytes and the index."""
+    import signal
+
+    import streammerge
+    from streammerge import journal as jr
+    from test_resume import kill_when
+
+    options = ("--max-shard-size", "30KB", "--max-chunk-rows", "1")
+    reference = tmp_path / "reference"
+    streammerge.merge(str(hub_case.base_path), [str(hub_case.adapter_path)], str(reference), device="cpu",
+                      max_shard_size="30KB")
+    names = sorted(p.name for p in reference.glob("model-*.safetensors"))
+    assert len(names) >= 3
+    env = hub_env(fake_hub, tmp_path / "hf")
+    out = tmp_path / "out"
+
+    def pushed(snap) -> set[str]:
+        if ".streammerge" not in snap["names"]:
+            return set()
+        return {r["shard"] for r in jr.read_records(out / ".streammerge" / "journal.jsonl") if r["t"] == "pushed"}
+
+    cmd = [sys.executable, "-m", "streammerge", "merge", "org/base", "org/lora", "--out", str(out), "--low-disk",
+           "--push-to-hub", "me/resumed", *options]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
+    frozen = kill_when(proc, out, lambda snap: names[0] in pushed(snap) and names[0] not in snap["names"], sig=signal.SIGKILL)
+    assert frozen is not None, "the merge ended before the first shard was pushed"
+    on_hub = pushed(frozen)
+    asked_before = len(fake_hub.requests("POST", "/api/models/me/resumed/preupload/"))
+
+    proc = cli(env, *cmd[3:])
+    assert proc.returncode == 0, proc.stderr
+    asked = [f for r in fake_hub.requests("POST", "/api/models/me/resumed/preupload/")[asked_before:] for f in r["asked"]]
+    assert names[0] in on_hub and not on_hub & set(asked), "a shard already on the Hub was made and offered again"
+    assert set(names) - on_hub <= set(asked)
+    files = fake_hub.files("me/resumed")
+    for name in names:
+        assert files[name] == (reference / name).read_bytes(), name
+    assert json.loads(files["model.safetensors.index.json"]) == json.loads((reference / "model.safetensors.index.json").read_text())
+    record = json.loads((out / "streammerge.json").read_text())
+    assert [s["sha256"] for s in record["shards"]] == [sha256(reference / n) for n in names]
+    assert not (out / ".streammerge").exists() and not list(out.glob("model-*"))
