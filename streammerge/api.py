@@ -438,6 +438,13 @@ def verify(
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
+    from .journal import has_valid_state, state_dir
+
+    if has_valid_state(out):
+        raise InputError(
+            f"verify: {out} holds an interrupted merge (its resume state is in {state_dir(out)}), not a finished "
+            "model; run the same merge command again to finish it, then verify"
+        )
     from .gguf.verify import refuse_gguf_folder, verify_gguf
 
     if opts.method == "gguf":  # GGUF files: checked against the GGUF plan (streammerge/gguf/verify.py)

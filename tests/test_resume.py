@@ -494,3 +494,15 @@ def test_disk_check_counts_what_remains(case, tmp_path, monkeypatch):
     half = {s.filename for s in plan.shards[: len(plan.shards) // 2]}
     assert jr.disk_need(plan, tmp_path / "out", finished=half).to_write == total - sum(
         s.size for s in plan.shards if s.filename in half)
+
+
+def test_verify_names_an_interrupted_folder(case, tmp_path):
+    """verify on a folder whose merge was killed says so (and how to finish it), rather than listing
+    every tensor as missing."""
+    from streammerge.errors import InputError
+
+    base, adapter = case
+    out = tmp_path / "out"
+    assert kill_when(start(base, adapter, out, *SHARDED, "--quiet"), out, lambda s: s["tensors"] >= 2) is not None
+    with pytest.raises(InputError, match="interrupted merge.*run the same merge command again"):
+        streammerge.verify(out, base, [adapter], **FAST)
