@@ -671,3 +671,22 @@ def test_gguf_plan_of_a_bitsandbytes_base_aligns_chunks_and_counts_statistics(bn
         assert "dequantized (bnb4)" in t.describe()
     with pytest.raises(PlanError, match="--max-memory .* is too small"):
         plan_gguf(str(case.base), [str(case.adapter)], MergeOptions.create(method="gguf", device="cpu", max_memory="2KB"))
+
+
+def test_peak_rss_within_budget_from_a_4bit_base(tmp_path):
+    """A 4-bit base several times the budget -> GGUF q8_0 (packed reads, decoded statistics, the
+    dequantization's temporaries, encoded bytes) stays within runtime + --max-memory; the runtime
+    is the same merge of a small 4-bit model."""
+    big, big_lora = _memory_case(tmp_path / "big", vocab=16000, hidden=512, intermediate=1536, layers=6, shard="60MB")
+    small, small_lora = _memory_case(tmp_path / "small", vocab=320, hidden=256, intermediate=512, layers=2, shard="5GB")
+    big_q, small_q = save_quantized(big, "nf4", tmp_path / "big" / "q4"), save_quantized(small, "nf4", tmp_path / "small" / "q4")
+    big_bytes = sum(p.stat().st_size for p in big_q.glob("*.safetensors"))
+    assert big_bytes >= 2 * BUDGET
+    args = ("--method", "gguf", "--gguf-type", "q8_0", "--max-memory", BUDGET, "--device", "cpu", "--quiet")
+    runtime = _peak_rss("merge", small_q, small_lora, "--out", tmp_path / "small-out", *args)
+    peak = _peak_rss("merge", big_q, big_lora, "--out", tmp_path / "out", *args)
+    print(f"4-bit model {big_bytes / 1e6:.0f} MB, budget {BUDGET / 1e6:.0f} MB, runtime {runtime / 1e6:.0f} MB, "
+          f"peak {peak / 1e6:.0f} MB, over runtime {(peak - runtime) / 1e6:.1f} MB")
+    assert peak <= runtime + BUDGET
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "q4-Q8_0.gguf"))
+    assert len(reader.tensors) == 3 + 6 * 9 and not [t for t in reader.tensors if "absmax" in t.name]
