@@ -580,7 +580,7 @@ BNB_CASES = [("llama", "nf4", "bf16"), ("llama", "nf4", "q8_0"), ("qwen2", "nf4"
              ("llama", "int8", "bf16")]
 
 
-def save_quantized(base: Path, kind: str, out: Path) -> Path:
+def save_quantized(base: Path, kind: str, out: Path, **save_kw) -> Path:
     """`base` as transformers saves it quantized by bitsandbytes (tests/test_4bit.py's recipe: loaded
     with a BitsAndBytesConfig on the CPU, saved with no forward pass), tokenizer files (and chat
     template) copied."""
@@ -590,7 +590,7 @@ def save_quantized(base: Path, kind: str, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(**BNB[kind]),
                                                  device_map="cpu")
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), **save_kw)
     for f in base.iterdir():
         if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json"):
             shutil.copy(f, out / f.name)
@@ -690,3 +690,56 @@ def test_peak_rss_within_budget_from_a_4bit_base(tmp_path):
     assert peak <= runtime + BUDGET
     reader = gguf.GGUFReader(str(tmp_path / "out" / "q4-Q8_0.gguf"))
     assert len(reader.tensors) == 3 + 6 * 9 and not [t for t in reader.tensors if "absmax" in t.name]
+
+
+def test_low_disk_inputs_release_every_4bit_shard_after_its_last_read(bnb_case, tmp_path):
+    """The GGUF executor with InputFiles (what a Hub base's Prefetcher is) on a sharded 4-bit base:
+    the reader acquires each shard before reading and releases it after the last read of its
+    weights *and* statistics (read with the first chunk), so a released shard is never read again
+    (here it is hidden on release) and every shard is released before the end; same bytes."""
+    import os
+    import threading
+
+    from streammerge.gguf.api import plan_gguf
+    from streammerge.gguf.execute import run_plan
+    from streammerge.options import MergeOptions
+
+    case, plain = bnb_case("llama", "nf4")
+    base = save_quantized(plain.base, "nf4", tmp_path / "llama-nf4", max_shard_size="12KB")
+    shards = sorted(str(p) for p in base.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+
+    class HidingInputs:
+        def __init__(self):
+            self.held: set[str] = set()
+            self.most = 0
+            self.released: list[str] = []
+            self.lock = threading.Lock()
+
+        def begin(self, files):
+            assert set(files) == set(shards)
+
+        def acquire(self, path, cancelled):
+            assert os.path.exists(path), f"{path} acquired after its release"
+            with self.lock:
+                self.held.add(path)
+                self.most = max(self.most, len(self.held))
+
+        def release(self, path):
+            with self.lock:
+                self.held.discard(path)
+                self.released.append(path)
+            os.rename(path, path + ".gone")  # as --low-disk deletes it: any later read fails
+
+        def end(self):
+            for p in self.released:
+                os.rename(p + ".gone", p)
+
+    opts = MergeOptions.create(method="gguf", gguf_type="q8_0", device="cpu", max_chunk_rows=3)
+    gplan = plan_gguf(str(base), [str(case.adapter)], opts)[3]
+    inputs = HidingInputs()
+    (tmp_path / "out").mkdir()
+    results, _ = run_plan(gplan, tmp_path / "out", device=torch.device("cpu"), inputs=inputs)
+    assert sorted(inputs.released) == shards and inputs.most <= 2
+    want = gguf_merge(Case("llama", base, case.adapter, {}, {}, {}, base, None), tmp_path / "ref", "q8_0")[0]
+    assert (tmp_path / "out" / results[0].filename).read_bytes() == want.read_bytes()

@@ -10,12 +10,13 @@ tensors are whole heads, so chunking never changes a byte.
 
 A bitsandbytes base weight is read packed (chunks start on whole 4-bit block rows) and decoded to
 float32 rows by `quant.stream.Decoder`, bitsandbytes' own dequantization, exactly as merged_16bit
-decodes it; its statistics are read once per tensor when its first chunk arrives.
+decodes it; its statistics tensors are read by the reader with the first chunk (so the reader owns
+every read of a base file) and decoded once per tensor.
 
 Input files that arrive while merging (a Hub base, `inputs`: execute.InputFiles) are acquired by the
 reader before a tensor's first read and released after its last one (with --low-disk the Prefetcher
-then deletes a shard it downloaded). Files the compute thread reads (statistics, LoRA factors) are
-kept until the run ends, as the safetensors executor does.
+then deletes a shard it downloaded, a 4-bit base's shards included). Files the compute thread reads
+(LoRA factors) are kept until the run ends.
 """
 
 from __future__ import annotations
@@ -82,9 +83,8 @@ class GGUFExecutor:
         self.inputs = inputs  # execute.InputFiles, or None when every input is on disk
         self.gguf = require()
         sources = [t.source for t in plan.tensors if t.source is not None]
-        # files the compute thread reads at a tensor's start: never released before the run ends
-        self._kept = {c.file for o in sources if o.quant_in is not None for c in o.quant_in.companions}
-        self._kept |= {s.file for o in sources for term in o.loras for s in term.sources()}
+        # files the compute thread reads at a tensor's start (LoRA factors): never released before the end
+        self._kept = {s.file for o in sources for term in o.loras for s in term.sources()}
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._cancelled = threading.Event()
@@ -148,6 +148,9 @@ class GGUFExecutor:
                 while not self._slots.acquire(timeout=0.1):  # a read buffer may be allocated
                     if self._cancelled.is_set():
                         return
+                stats = None
+                if t.source is not None and t.source.quant_in is not None and start == 0:
+                    stats = {c.name: self._read_whole(c) for c in t.source.quant_in.companions}
                 if t.source is not None:
                     src = t.source.source
                     offset, length = qs.source_span(t.source, start, stop)
@@ -159,7 +162,7 @@ class GGUFExecutor:
                         self._release_after(t, last_read)
                 while not self._cancelled.is_set():
                     try:
-                        out_q.put((t, start, stop, buf), timeout=0.1)
+                        out_q.put((t, start, stop, buf, stats), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -244,11 +247,12 @@ class GGUFExecutor:
                     terms = self._terms(t) if t.source is not None and t.source.loras else None
                     decoder = None
                     for expected in range(0, t.rows, t.chunk_rows):
-                        got, start, stop, buf = self._next(read_q)
+                        got, start, stop, buf, stats = self._next(read_q)
                         if got is not t or start != expected:
                             raise ExecutionError("internal error: GGUF chunks out of order")
-                        if start == 0 and t.source is not None and t.source.quant_in is not None:
-                            decoder = qs.Decoder(t.source, self._read_whole, self.device)  # its statistics are on disk now
+                        if stats is not None:  # the statistics the reader read with the first chunk
+                            decoder = qs.Decoder(t.source, lambda src, stats=stats: stats[src.name], self.device)
+                            del stats
                         rows = self._rows_f32(t, start, stop, buf, terms, tiles, decoder)
                         del buf  # the chunk's read buffer is free once its rows are computed
                         self._slots.release()

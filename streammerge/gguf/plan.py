@@ -216,8 +216,9 @@ def _fixed_bytes(gguf, tensors: list[GGUFTensor]) -> int:
     tiles = 8 * max(ops.TILE_ELEMENTS, merged_width) if merged_width else 0
     factors = max((_factor_bytes(t.source) for t in tensors), default=0)
     quant = max((QUANT_GROUP_ROWS * t.width * 4 * QUANT_TEMPORARIES for t in tensors if t.ggml_type in ("Q8_0", "Q4_0")), default=0)
-    states = max((qs.state_bytes(t.source) for t in tensors if t.source is not None), default=0)  # bitsandbytes statistics
-    return tiles + factors + quant + states
+    # bitsandbytes statistics: one weight's decoded, and the next weight's read ahead with its first chunk
+    states = max((qs.state_bytes(t.source) for t in tensors if t.source is not None), default=0)
+    return tiles + factors + quant + 2 * states
 
 
 def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: MergeOptions) -> GGUFPlan:
