@@ -574,10 +574,12 @@ def test_gguf_refuses_column_norm_dora_before_writing(make_base, make_adapter, t
 BNB = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                bnb_4bit_compute_dtype=torch.bfloat16),
     "int8": dict(load_in_8bit=True),
 }
 BNB_CASES = [("llama", "nf4", "bf16"), ("llama", "nf4", "q8_0"), ("qwen2", "nf4", "bf16"), ("gemma3", "nf4", "bf16"),
-             ("llama", "int8", "bf16")]
+             ("llama", "fp4", "q4_0"), ("llama", "int8", "bf16")]
 
 
 def save_quantized(base: Path, kind: str, out: Path, **save_kw) -> Path:
