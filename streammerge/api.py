@@ -207,11 +207,10 @@ def merge(
 
         check_push_id(push_to_hub)
     if opts.method == "gguf":
-        if low_disk or push_to_hub:
-            raise OptionError("--low-disk and --push-to-hub are not supported with --method gguf yet")
         from .gguf.api import merge_gguf
 
-        return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet)
+        return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet, low_disk=low_disk,
+                          push_to_hub=push_to_hub, private=private, push_revision=push_revision)
     say = report or (lambda message: None)
     started = time.perf_counter()
     checkpoint, loaded, the_plan = _prepare(base, adapters, opts)

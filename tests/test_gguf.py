@@ -567,3 +567,181 @@ def test_gguf_refuses_column_norm_dora_before_writing(make_base, make_adapter, t
     with pytest.raises(UnsupportedError, match="DoRA.*merged_16bit"):
         streammerge.merge(str(base), [str(adapter.adapter_path)], str(tmp_path / "out"), method="gguf", device="cpu")
     assert not list(tmp_path.rglob("*.gguf*"))
+
+
+# ------------------------------------------------------------ bitsandbytes bases (issue 10)
+
+BNB = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+BNB_CASES = [("llama", "nf4", "bf16"), ("llama", "nf4", "q8_0"), ("qwen2", "nf4", "bf16"), ("gemma3", "nf4", "bf16"),
+             ("llama", "fp4", "q4_0"), ("llama", "int8", "bf16")]
+
+
+def save_quantized(base: Path, kind: str, out: Path, **save_kw) -> Path:
+    """`base` as transformers saves it quantized by bitsandbytes (tests/test_4bit.py's recipe: loaded
+    with a BitsAndBytesConfig on the CPU, saved with no forward pass), tokenizer files (and chat
+    template) copied."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from transformers import BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(**BNB[kind]),
+                                                 device_map="cpu")
+    model.save_pretrained(str(out), **save_kw)
+    for f in base.iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bnb_case(make_base, make_adapter, tmp_path_factory):
+    """bnb_case(arch, kind) -> (Case of the quantized base, Case of its bf16 base), cached. The
+    reference is our merged_16bit --dtype float32 from the quantized base: bitsandbytes' dequantized
+    weights + the delta, unrounded (held to bitsandbytes and PEFT by tests/test_4bit.py)."""
+    made: dict[tuple[str, str], tuple[Case, Case]] = {}
+
+    def get(arch: str, kind: str) -> tuple[Case, Case]:
+        if (arch, kind) not in made:
+            tokenizer, overrides = CASES[arch]
+            base = make_base(arch, dtype=torch.bfloat16, tokenizer=tokenizer, **overrides)
+            adapter = make_adapter(base)
+            qbase = save_quantized(base, kind, tmp_path_factory.mktemp("bnb") / f"{arch}-{kind}")
+            ref = tmp_path_factory.mktemp("bnb-ref") / "f32"
+            streammerge.merge(str(qbase), [str(adapter.adapter_path)], str(ref), dtype="float32", device="cpu")
+            config = json.loads((qbase / "config.json").read_text())
+            assert "quantization_config" in config, "fixture error: the base is not quantized"
+            quantized = Case(arch, qbase, adapter.adapter_path, config, load_safetensors_dir(ref), {}, ref, adapter.input_ids)
+            plain = Case(arch, base, adapter.adapter_path, json.loads((base / "config.json").read_text()), {}, {}, base,
+                         adapter.input_ids)
+            made[(arch, kind)] = (quantized, plain)
+        return made[(arch, kind)]
+
+    return get
+
+
+@pytest.mark.parametrize(("arch", "kind", "gguf_type"), BNB_CASES)
+def test_gguf_from_bitsandbytes_base_equals_merge_of_dequantized(bnb_case, arch, kind, gguf_type, tmp_path):
+    """The GGUF of a 4-bit/8-bit base holds, tensor for tensor, the gguf package's encoding of our
+    merged_16bit float32 merge of that base, transformed by llama.cpp's rules; its statistics tensors
+    are not in it, and its header (metadata, tensor names, types, shapes) is the bf16 base's."""
+    case, plain = bnb_case(arch, kind)
+    files = gguf_merge(case, tmp_path / "chunked", gguf_type, max_chunk_rows=3)  # 2-row 4-bit block groups, heads
+    assert [f.name for f in files] == [f"{case.base.name}-{TYPES[gguf_type]}.gguf"]
+    check_stored_bytes(case, files, gguf_type)
+    whole = gguf_merge(case, tmp_path / "whole", gguf_type)
+    assert whole[0].read_bytes() == files[0].read_bytes(), "row chunking changed the file"
+
+    ours = gguf.GGUFReader(str(files[0]))
+    ref = gguf.GGUFReader(str(gguf_merge(plain, tmp_path / "plain", gguf_type)[0]))
+    # the same tensors (in the quantized checkpoint's order, as llama.cpp follows the checkpoint's)
+    assert sorted((t.name, t.tensor_type.name, [int(d) for d in t.shape]) for t in ours.tensors) == \
+        sorted((t.name, t.tensor_type.name, [int(d) for d in t.shape]) for t in ref.tensors)
+    assert not [t.name for t in ours.tensors if re.search(r"absmax|quant_map|quant_state|SCB|weight_format", t.name)]
+    keys = [k for k in ref.fields if not k.startswith("GGUF.") and k != "general.name"]
+    assert [k for k in ours.fields if not k.startswith("GGUF.") and k != "general.name"] == keys
+    for key in keys:
+        assert ours.fields[key].contents() == ref.fields[key].contents(), key
+    config = json.loads((tmp_path / "chunked" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_gguf_plan_of_a_bitsandbytes_base_aligns_chunks_and_counts_statistics(bnb_case):
+    """Chunks start on whole 4-bit block rows (and whole heads), the plan names the dequantized
+    weights, and a budget below one chunk is refused before anything is written."""
+    from streammerge.errors import PlanError
+    from streammerge.gguf.api import plan_gguf
+    from streammerge.gguf.plan import row_unit
+    from streammerge.options import MergeOptions
+    from streammerge.quant import stream as qs
+
+    case, _ = bnb_case("llama", "nf4")
+    opts = MergeOptions.create(method="gguf", device="cpu", max_chunk_rows=3)
+    gplan = plan_gguf(str(case.base), [str(case.adapter)], opts)[3]
+    quantized = [t for t in gplan.tensors if t.source is not None and t.source.quant_in is not None]
+    assert len(quantized) == 14 and all(t.source.quant_in.codec == "bnb4" for t in quantized)
+    assert any(qs.row_alignment(t.source) > 1 for t in quantized), "fixture error: every row holds whole blocks"
+    for t in quantized:
+        unit = row_unit(t)
+        assert unit % qs.row_alignment(t.source) == 0 and (not t.permute_heads or unit % (t.rows // t.permute_heads) == 0)
+        assert t.chunk_rows % unit == 0 or t.chunk_rows == t.rows, (t.name, t.chunk_rows, unit)
+        assert "dequantized (bnb4)" in t.describe()
+    with pytest.raises(PlanError, match="--max-memory .* is too small"):
+        plan_gguf(str(case.base), [str(case.adapter)], MergeOptions.create(method="gguf", device="cpu", max_memory="2KB"))
+
+
+def test_peak_rss_within_budget_from_a_4bit_base(tmp_path):
+    """A 4-bit base several times the budget -> GGUF q8_0 (packed reads, decoded statistics, the
+    dequantization's temporaries, encoded bytes) stays within runtime + --max-memory; the runtime
+    is the same merge of a small 4-bit model."""
+    big, big_lora = _memory_case(tmp_path / "big", vocab=16000, hidden=512, intermediate=1536, layers=6, shard="60MB")
+    small, small_lora = _memory_case(tmp_path / "small", vocab=320, hidden=256, intermediate=512, layers=2, shard="5GB")
+    big_q, small_q = save_quantized(big, "nf4", tmp_path / "big" / "q4"), save_quantized(small, "nf4", tmp_path / "small" / "q4")
+    big_bytes = sum(p.stat().st_size for p in big_q.glob("*.safetensors"))
+    assert big_bytes >= 2 * BUDGET
+    args = ("--method", "gguf", "--gguf-type", "q8_0", "--max-memory", BUDGET, "--device", "cpu", "--quiet")
+    runtime = _peak_rss("merge", small_q, small_lora, "--out", tmp_path / "small-out", *args)
+    peak = _peak_rss("merge", big_q, big_lora, "--out", tmp_path / "out", *args)
+    print(f"4-bit model {big_bytes / 1e6:.0f} MB, budget {BUDGET / 1e6:.0f} MB, runtime {runtime / 1e6:.0f} MB, "
+          f"peak {peak / 1e6:.0f} MB, over runtime {(peak - runtime) / 1e6:.1f} MB")
+    assert peak <= runtime + BUDGET
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "q4-Q8_0.gguf"))
+    assert len(reader.tensors) == 3 + 6 * 9 and not [t for t in reader.tensors if "absmax" in t.name]
+
+
+def test_low_disk_inputs_release_every_4bit_shard_after_its_last_read(bnb_case, tmp_path):
+    """The GGUF executor with InputFiles (what a Hub base's Prefetcher is) on a sharded 4-bit base:
+    the reader acquires each shard before reading and releases it after the last read of its
+    weights *and* statistics (read with the first chunk), so a released shard is never read again
+    (here it is hidden on release) and every shard is released before the end; same bytes."""
+    import os
+    import threading
+
+    from streammerge.gguf.api import plan_gguf
+    from streammerge.gguf.execute import run_plan
+    from streammerge.options import MergeOptions
+
+    case, plain = bnb_case("llama", "nf4")
+    base = save_quantized(plain.base, "nf4", tmp_path / "llama-nf4", max_shard_size="12KB")
+    shards = sorted(str(p) for p in base.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+
+    class HidingInputs:
+        def __init__(self):
+            self.held: set[str] = set()
+            self.most = 0
+            self.released: list[str] = []
+            self.lock = threading.Lock()
+
+        def begin(self, files):
+            assert set(files) == set(shards)
+
+        def acquire(self, path, cancelled):
+            assert os.path.exists(path), f"{path} acquired after its release"
+            with self.lock:
+                self.held.add(path)
+                self.most = max(self.most, len(self.held))
+
+        def release(self, path):
+            with self.lock:
+                self.held.discard(path)
+                self.released.append(path)
+            os.rename(path, path + ".gone")  # as --low-disk deletes it: any later read fails
+
+        def end(self):
+            for p in self.released:
+                os.rename(p + ".gone", p)
+
+    opts = MergeOptions.create(method="gguf", gguf_type="q8_0", device="cpu", max_chunk_rows=3)
+    gplan = plan_gguf(str(base), [str(case.adapter)], opts)[3]
+    inputs = HidingInputs()
+    (tmp_path / "out").mkdir()
+    results, _ = run_plan(gplan, tmp_path / "out", device=torch.device("cpu"), inputs=inputs)
+    assert sorted(inputs.released) == shards and inputs.most <= 2
+    want = gguf_merge(Case("llama", base, case.adapter, {}, {}, {}, base, None), tmp_path / "ref", "q8_0")[0]
+    assert (tmp_path / "out" / results[0].filename).read_bytes() == want.read_bytes()

@@ -308,3 +308,27 @@ def test_verifier_permutation_is_llama_cpps_and_invertible():
         assert torch.equal(permute_rows(x, heads), gguf_execute.permute_rows(x, heads))
         assert torch.equal(permute_rows(x, heads), permuted(x, heads))
         assert torch.equal(unpermute_rows(permute_rows(x, heads), heads), x)
+
+
+# ------------------------------------------------------------------ bitsandbytes bases (issue 10)
+
+
+@pytest.mark.parametrize(("kind", "gguf_type"), [("nf4", "q8_0"), ("nf4", "bf16"), ("int8", "bf16")])
+def test_passes_on_gguf_from_a_bitsandbytes_base_and_names_a_flipped_byte(case, kind, gguf_type, tmp_path):
+    """verify decodes the base's 4-bit/8-bit rows as the writer does (bitsandbytes' dequantization),
+    in chunks on whole block rows; a changed byte of a dequantized, merged tensor is still named."""
+    from test_gguf import save_quantized
+
+    c = case("llama")
+    q = Case(save_quantized(c.base, kind, tmp_path / f"llama-{kind}"), c.adapter)
+    out = merge(q, tmp_path / "out", gguf_type)
+    report = verify(q, out, gguf_type, max_chunk_rows=3)
+    assert report.ok, report.table_lines()
+    n = len(gguf.GGUFReader(str(gguf_file(out))).tensors)
+    assert report.checks["merge"]["checked"] + report.checks["copy"]["checked"] == n
+    assert all(t.margin is None for t in report.tensors)  # byte-exact
+    without_record(out)
+    flip_byte(gguf_file(out), "blk.1.ffn_down.weight", 5)  # a quantized base weight, merged
+    report = verify(q, out, gguf_type)
+    assert {f.subject for f in report.faults} == {"blk.1.ffn_down.weight"}, report.table_lines()
+    assert report.faults[0].kind == "values differ"

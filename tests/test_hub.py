@@ -544,3 +544,72 @@ def test_resumed_streaming_push_keeps_the_shards_already_on_the_hub(fake_hub, hu
     record = json.loads((out / "streammerge.json").read_text())
     assert [s["sha256"] for s in record["shards"]] == [sha256(reference / n) for n in names]
     assert not (out / ".streammerge").exists() and not list(out.glob("model-*"))
+
+
+def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapter, tmp_path):
+    """merge --method gguf of a sharded Hub base with --low-disk --push-to-hub: shards fetched one
+    ahead and evicted after their last read (never more than two on disk), the GGUF byte for byte
+    the one from the same local folder, and OUT pushed with a model card. A 4-bit Hub base is
+    refused in one line (its quant states cannot be planned from range requests yet)."""
+    pytest.importorskip("gguf")
+    import shutil
+
+    import streammerge
+
+    base = make_base("llama", dtype=torch.bfloat16, tokenizer="bpe-llama3", tie_word_embeddings=False,
+                     max_shard_size="20KB")
+    adapter = make_adapter(base).adapter_path
+    shards = sorted(p.name for p in base.glob("model-*.safetensors"))
+    assert len(shards) >= 3, shards
+    repo = "org/gbase"
+    fake_hub.add_folder(repo, base)
+    fake_hub.add_folder("org/glora", adapter)
+    local = tmp_path / "gbase"  # the repo's name: the GGUF's file name and general.name come from it
+    shutil.copytree(base, local)
+    reference = tmp_path / "reference"
+    streammerge.merge(str(local), [str(adapter)], str(reference), method="gguf", gguf_type="q8_0", device="cpu")
+
+    fake_hub.log.clear()
+    storage = tmp_path / "hf" / "hub" / "models--org--gbase" / "blobs"
+    cache_at_get: list[int] = []
+    fake_hub.on_get = lambda name: cache_at_get.append(
+        sum(p.stat().st_size for p in storage.glob("*") if len(p.name) == 64) if name.startswith("model-") else -1)
+    env = hub_env(fake_hub, tmp_path / "hf")
+    try:
+        proc = cli(env, "merge", repo, "org/glora", "--out", tmp_path / "out", "--method", "gguf",
+                   "--gguf-type", "q8_0", "--low-disk", "--push-to-hub", "me/gguf", "--max-chunk-rows", "3")
+    finally:
+        fake_hub.on_get = None
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    name = "gbase-Q8_0.gguf"
+    assert sha256(out / name) == sha256(reference / name)
+    record = json.loads((out / "streammerge.json").read_text())
+    assert record["downloads"]["low_disk"] is True
+    assert sorted(record["downloads"]["fetched"]) == sorted(record["downloads"]["evicted"]) == shards
+    assert record["base"]["hub"]["repo_id"] == repo and len(record["base"]["hub"]["commit"]) == 40
+    assert record["files"] == json.loads((reference / "streammerge.json").read_text())["files"]
+    # each base shard download started with at most one other downloaded shard on disk: two at most
+    biggest = max(p.stat().st_size for p in base.glob("model-*.safetensors"))
+    small = sum(p.stat().st_size for p in base.iterdir() if not p.name.startswith("model-"))
+    at_get = [c - small for c in cache_at_get if c >= 0]
+    assert len(at_get) == len(shards) and min(at_get) == 0 and max(at_get) <= biggest, at_get
+    assert sum(p.stat().st_size for p in storage.iterdir()) == small  # only config/tokenizer/index remain
+    # pushed: the GGUF, config, tokenizer, record and a model card naming base and adapter
+    pushed = fake_hub.files("me/gguf")
+    assert hashlib.sha256(pushed[name]).hexdigest() == sha256(reference / name)
+    assert sorted(set(pushed) - {".gitattributes"}) == sorted(p.name for p in out.iterdir())
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(pushed["README.md"].decode())
+    assert card.data.base_model == [repo, "org/glora"] and card.data.base_model_relation == "merge"
+    assert "pushed: " in proc.stdout
+    no_token_in([out], [proc.stdout, proc.stderr] + [v.decode(errors="replace") for v in pushed.values() if not v.startswith(b"GGUF")])
+
+    from test_gguf import save_quantized
+
+    fake_hub.add_folder("org/gbase-nf4", save_quantized(base, "nf4", tmp_path / "nf4", max_shard_size="12KB"))
+    proc = cli(env, "merge", "org/gbase-nf4", "org/glora", "--out", tmp_path / "out-nf4", "--method", "gguf")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "bitsandbytes 4-bit/8-bit checkpoint on the Hub" in proc.stderr and "hf download org/gbase-nf4" in proc.stderr
+    assert not (tmp_path / "out-nf4").exists()

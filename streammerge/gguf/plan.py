@@ -10,6 +10,12 @@ Memory: each tensor is processed in row chunks whose size follows from `--max-me
 `chunk_rows`): two read buffers in flight plus one of headroom, the float32 merged rows, a permuted
 copy for q/k, and the encoded bytes (twice for the quantizers, which build their output in pieces),
 plus fixed float32 tiles, the largest LoRA factors and the quantizer's per-16-row temporaries.
+
+A bitsandbytes base (4-bit or 8-bit) is planned from the merge plan's logical weights: each GGUF
+tensor is one logical weight (its statistics tensors are read with it, never written), with the
+weight's original shape. Its chunks start on whole 4-bit block rows (`quant.stream.row_alignment`),
+a row costs its packed bytes in each read buffer plus the dequantization's float32 temporaries, and
+the decoded statistics of one weight (`quant.stream.state_bytes`) are part of the fixed memory.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from ..options import MergeOptions, format_size
 from ..planner import MergePlan, OutputTensor
+from ..quant import stream as qs
 from . import require
 from .arch import Arch, arch_of, ggml_type_name, metadata, rope_freqs, tensor_rule
 from .types import GGUF_TYPES, file_tag
@@ -38,6 +45,7 @@ READS_IN_FLIGHT = 2  # the chunk being computed and the one being read ahead
 READ_BUFFERS = READS_IN_FLIGHT + 1  # plus one chunk of headroom: allocator fragmentation, first-use costs
 QUANT_GROUP_ROWS = 16  # gguf.quants works on groups of 16 rows; its temporaries scale with that
 QUANT_TEMPORARIES = 8  # float32 temporaries per element of a group (abs, max, scaled, rounding steps)
+QUANT_ROW_COST = 12  # bytes per element of a decoded bitsandbytes chunk: float32 rows + dequantization temporaries
 
 
 def pad(n: int, align: int = ALIGNMENT) -> int:
@@ -80,6 +88,8 @@ class GGUFTensor:
             what.append(f"+{self.shift:g}")
         if self.source is not None and self.rows < self.source.shape[0]:
             what.append(f"first {self.rows} rows")
+        if self.source is not None and self.source.quant_in is not None:
+            what.append(f"dequantized ({self.source.quant_in.codec})")
         return f"{self.name:<36} {self.ggml_type:<5} {dims:<16} <- {', '.join(what)}"
 
 
@@ -161,12 +171,33 @@ def _encoded_per_element(gguf, ggml_type: str) -> float:
     return (2 if quantized else 1) * size / block if ggml_type != "F32" else 0.0
 
 
-def chunk_rows(gguf, t: GGUFTensor, budget: int, fixed: int, max_rows: int | None) -> int:
-    """Rows per chunk for `t` under `budget`; whole heads for permuted tensors; PlanError if even
-    one unit does not fit."""
-    src = ITEMSIZE[t.source.source.dtype] if t.source is not None else 4
-    per_row = t.width * (READ_BUFFERS * src + 4 + (4 if t.permute_heads else 0) + _encoded_per_element(gguf, t.ggml_type))
+def _source_per_element(t: GGUFTensor) -> tuple[float, int]:
+    """(stored source bytes per element, float32 bytes per element of its decoded rows): a
+    bitsandbytes weight is read packed (half a byte per 4-bit value, one per int8) and decoded with
+    temporaries (`QUANT_ROW_COST`); a float source is read as stored and widened once."""
+    if t.source is None:
+        return 4, 4
+    src = t.source.source
+    if t.source.quant_in is None:
+        return ITEMSIZE[src.dtype], 4
+    return (src.end - src.start) / max(math.prod(t.source.shape), 1), QUANT_ROW_COST
+
+
+def row_unit(t: GGUFTensor) -> int:
+    """Chunks of `t` are multiples of this many rows: whole heads for permuted tensors, whole 4-bit
+    block rows for a bitsandbytes source (both, when both apply)."""
     unit = t.rows // t.permute_heads if t.permute_heads else 1
+    if t.source is not None and t.source.quant_in is not None:
+        unit = math.lcm(unit, qs.row_alignment(t.source))
+    return unit
+
+
+def chunk_rows(gguf, t: GGUFTensor, budget: int, fixed: int, max_rows: int | None) -> int:
+    """Rows per chunk for `t` under `budget`; whole heads for permuted tensors, whole 4-bit block
+    rows for a bitsandbytes source; PlanError if even one unit does not fit."""
+    src, decoded = _source_per_element(t)
+    per_row = t.width * (READ_BUFFERS * src + decoded + (4 if t.permute_heads else 0) + _encoded_per_element(gguf, t.ggml_type))
+    unit = row_unit(t)
     rows = int((budget - fixed) // max(per_row, 1))
     if max_rows is not None:
         rows = min(rows, max(max_rows, unit))
@@ -185,7 +216,9 @@ def _fixed_bytes(gguf, tensors: list[GGUFTensor]) -> int:
     tiles = 8 * max(ops.TILE_ELEMENTS, merged_width) if merged_width else 0
     factors = max((_factor_bytes(t.source) for t in tensors), default=0)
     quant = max((QUANT_GROUP_ROWS * t.width * 4 * QUANT_TEMPORARIES for t in tensors if t.ggml_type in ("Q8_0", "Q4_0")), default=0)
-    return tiles + factors + quant
+    # bitsandbytes statistics: one weight's decoded, and the next weight's read ahead with its first chunk
+    states = max((qs.state_bytes(t.source) for t in tensors if t.source is not None), default=0)
+    return tiles + factors + quant + 2 * states
 
 
 def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: MergeOptions) -> GGUFPlan:
@@ -204,9 +237,16 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
     if (factors := rope_freqs(arch, h)) is not None:
         pending.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", (len(factors),), None, None, tuple(factors)))
     dropped = []
-    for hf_name, ref in checkpoint.tensors.items():
-        tensor = by_name[hf_name]
-        rule = tensor_rule(arch, h, hf_name, tuple(ref.info.shape), name_map, vocab.n_real)
+    # a bitsandbytes weight's statistics (absmax, quant_map, quant_state, SCB, ...) are read with it,
+    # never written: the GGUF holds the merge plan's logical tensors, in checkpoint order
+    companions = {c.name for t in merge_plan.tensors if t.quant_in is not None for c in t.quant_in.companions}
+    for hf_name in checkpoint.tensors:
+        if hf_name in companions:
+            continue
+        tensor = by_name.get(hf_name)
+        if tensor is None:
+            raise PlanError(f"internal error: the merge plan has no tensor for {hf_name}")
+        rule = tensor_rule(arch, h, hf_name, tuple(tensor.shape), name_map, vocab.n_real)
         if rule is None:
             if tensor.loras:
                 raise UnsupportedError(
@@ -221,11 +261,12 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
                 "which needs a pass over the whole tensor before its first row; --method gguf does not do that yet. "
                 "Use --method merged_16bit and convert the result with llama.cpp's convert_hf_to_gguf.py"
             )
-        if tensor.source.dtype not in FLOAT_DTYPES:
+        if tensor.quant_in is None and tensor.source.dtype not in FLOAT_DTYPES:
             raise UnsupportedError(
-                f"{hf_name} is stored as {tensor.source.dtype}; --method gguf reads floating-point bases only"
+                f"{hf_name} is stored as {tensor.source.dtype}; --method gguf reads floating-point and "
+                "bitsandbytes 4-bit/8-bit bases only"
             )
-        shape = tuple(ref.info.shape)
+        shape = tuple(tensor.shape)
         if rule.rows is not None:
             shape = (rule.rows, *shape[1:])
         pending.append((rule.gguf_name, shape, tensor, rule, None))

@@ -29,9 +29,13 @@ per head, Gemma norms + 1, embedding rows trimmed). OUT is then checked in one s
 * With `streammerge.json`: each recorded file's sha256 (hashed during the same pass) and the
   recorded inputs, method and --gguf-type.
 
+A bitsandbytes base weight's rows are decoded by `quant.stream.Decoder` (bitsandbytes' own
+dequantization, the writer's and merged_16bit's W), in chunks that start on whole 4-bit block rows.
+
 Memory: one chunk of stored bytes, base rows and a few float32 row buffers, sized from `--max-memory`
-like the writer's chunks; files are read with `pread` and their page cache released. `GGUFReader`
-is used for the metadata and tensor infos only (its memory map is never touched for tensor data).
+like the writer's chunks (plus a bitsandbytes weight's decoded statistics); files are read with
+`pread` and their page cache released. `GGUFReader` is used for the metadata and tensor infos only
+(its memory map is never touched for tensor data).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from ..io.output import RECORD_FILE
 from ..io.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, release_cache
 from ..options import MergeOptions, format_size
 from ..verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, VerifyReport, _fmt_factor
-from .plan import QUANT_GROUP_ROWS, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor
+from ..quant import stream as qs
+from .plan import QUANT_GROUP_ROWS, QUANT_ROW_COST, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor, row_unit
 
 U16 = 2.0**-8  # unit roundoff of bfloat16: another tool may round the merge to 16 bits before encoding
 UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
@@ -594,12 +599,17 @@ class GGUFVerifier:
         tiles = 2 * 4 * max(ops.TILE_ELEMENTS, merged_width) if merged_width else 0
         factors = max((factor_bytes(t.source) for t in tensors if t.source is not None), default=0)
         quant = max((QUANT_GROUP_ROWS * t.width * 4 * QUANT_TEMPORARIES for t in tensors if t.ggml_type in ("Q8_0", "Q4_0")), default=0)
-        fixed = tiles + factors + quant + HASH_PIECE
+        states = max((qs.state_bytes(t.source) for t in tensors if t.source is not None), default=0)
+        fixed = tiles + factors + quant + states + HASH_PIECE
         rows: dict[str, int] = {}
         for t in tensors:
-            src = ITEMSIZE[t.source.source.dtype] if t.source is not None else 4
-            per_row = t.width * (src + 4 * F32_BUFFERS) + 3 * (t.nbytes // max(t.rows, 1))  # + stored, encoded ×2
-            unit = t.rows // t.permute_heads if t.permute_heads else 1
+            quantized = t.source is not None and t.source.quant_in is not None
+            if quantized:  # packed bytes per element, plus the dequantization's temporaries
+                src = (t.source.source.end - t.source.source.start) / max(math.prod(t.source.shape), 1) + QUANT_ROW_COST
+            else:
+                src = ITEMSIZE[t.source.source.dtype] if t.source is not None else 4
+            per_row = int(t.width * (src + 4 * F32_BUFFERS)) + 3 * (t.nbytes // max(t.rows, 1))  # + stored, encoded ×2
+            unit = row_unit(t)
             n = (budget - fixed) // max(per_row, 1)
             if self.options.max_chunk_rows is not None:
                 n = min(n, max(self.options.max_chunk_rows, unit))
@@ -680,13 +690,16 @@ class GGUFVerifier:
         block = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[t.ggml_type]][0]
         row_bytes = t.nbytes // max(t.rows, 1)
         math_ = TensorMath.load(t.source, self._read_source, self.device) if merged else None
+        decoder = None
+        if t.source is not None and t.source.quant_in is not None:
+            decoder = qs.Decoder(t.source, self._read_source, self.device)
         for r0 in range(0, t.rows, step):
             n = min(t.rows, r0 + step) - r0
             raw = bytearray(n * row_bytes)
             self._read(str(ff.path), offset + r0 * row_bytes, memoryview(raw), progress=True)
             if hasher is not None:
                 hasher.update(raw)
-            expected, base = self._expected_rows(t, r0, n, math_, tiles)
+            expected, base = self._expected_rows(t, r0, n, math_, tiles, decoder)
             in_chunk = t.permute_heads * n // t.rows if t.permute_heads else 0
             encoded = encode_rows(expected, t.ggml_type, self.gguf)
             stored = np.frombuffer(raw, dtype=np.uint8).reshape(n, row_bytes)
@@ -694,18 +707,23 @@ class GGUFVerifier:
             del raw, stored, encoded, expected, base
         return state.finish()
 
-    def _expected_rows(self, t: GGUFTensor, r0: int, n: int, math_, tiles) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _expected_rows(self, t: GGUFTensor, r0: int, n: int, math_, tiles,
+                       decoder: qs.Decoder | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows [r0, r0+n) as the writer must store them (float32, shifted, permuted), and the
-        base rows transformed the same way (for the delta)."""
+        base rows transformed the same way (for the delta). A bitsandbytes base is decoded first."""
         if t.source is None:  # generated (rope_freqs)
             rows = torch.tensor(t.values[r0 : r0 + n], dtype=torch.float32).reshape(n, 1)
             return rows, rows
         src = t.source.source
-        item = ITEMSIZE[src.dtype]
-        buf = bytearray(n * t.width * item)
-        self._read(src.file, src.start + r0 * t.width * item, memoryview(buf))
-        base_rows = torch.frombuffer(buf, dtype=getattr(torch, TORCH_NAME[src.dtype])).reshape(n, t.width)
-        base = base_rows.to(torch.float32)
+        offset, length = qs.source_span(t.source, r0, r0 + n)
+        buf = bytearray(length)
+        self._read(src.file, offset, memoryview(buf))
+        if decoder is not None:
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+            base_rows = decoder.rows(raw.to(self.device) if self.device.type != "cpu" else raw, r0, r0 + n)
+        else:
+            base_rows = torch.frombuffer(buf, dtype=getattr(torch, TORCH_NAME[src.dtype])).reshape(n, t.width)
+        base = base_rows.to(torch.float32).cpu()
         if math_ is not None:
             expected = math_.compute(base_rows.to(self.device), r0, torch.float32, tiles).cpu()
         else:
