@@ -549,8 +549,7 @@ def test_resumed_streaming_push_keeps_the_shards_already_on_the_hub(fake_hub, hu
 def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapter, tmp_path):
     """merge --method gguf of a sharded Hub base with --low-disk --push-to-hub: shards fetched one
     ahead and evicted after their last read (never more than two on disk), the GGUF byte for byte
-    the one from the same local folder, and OUT pushed with a model card. A 4-bit Hub base is
-    refused in one line (its quant states cannot be planned from range requests yet)."""
+    the one from the same local folder, and OUT pushed with a model card."""
     pytest.importorskip("gguf")
     import shutil
 
@@ -606,10 +605,46 @@ def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapte
     assert "pushed: " in proc.stdout
     no_token_in([out], [proc.stdout, proc.stderr] + [v.decode(errors="replace") for v in pushed.values() if not v.startswith(b"GGUF")])
 
+
+def test_bitsandbytes_base_on_the_hub_is_planned_from_ranges(fake_hub, make_base, make_adapter, tmp_path):
+    """A 4-bit base on the Hub: its quant states (small JSON tensors) are read by range requests, so
+    `plan` downloads no shard, and merged_16bit / gguf merges with --low-disk equal the merges of the
+    same folder on disk."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("bitsandbytes")
+    import shutil
+
+    import streammerge
     from test_gguf import save_quantized
 
-    fake_hub.add_folder("org/gbase-nf4", save_quantized(base, "nf4", tmp_path / "nf4", max_shard_size="12KB"))
-    proc = cli(env, "merge", "org/gbase-nf4", "org/glora", "--out", tmp_path / "out-nf4", "--method", "gguf")
-    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "bitsandbytes 4-bit/8-bit checkpoint on the Hub" in proc.stderr and "hf download org/gbase-nf4" in proc.stderr
-    assert not (tmp_path / "out-nf4").exists()
+    base = make_base("llama", dtype=torch.bfloat16, tokenizer="bpe-llama3", tie_word_embeddings=False)
+    adapter = make_adapter(base).adapter_path
+    local = tmp_path / "qbase"  # the repo's name: the GGUF's file name comes from it
+    save_quantized(base, "nf4", local, max_shard_size="12KB")
+    shards = sorted(p.name for p in local.glob("model-*.safetensors"))
+    assert len(shards) >= 3, shards
+    fake_hub.add_folder("org/qbase", local)
+    fake_hub.add_folder("org/qlora", adapter)
+    env = hub_env(fake_hub, tmp_path / "hf")
+
+    fake_hub.log.clear()
+    proc = cli(env, "plan", "org/qbase", "org/qlora", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert not [r for r in shard_gets(fake_hub, "org/qbase") if r["range"] is None], "plan downloaded a shard"
+    planned = [t for shard in json.loads(proc.stdout)["shards"] for t in shard["tensors"]]
+    assert sum(1 for t in planned if t.get("quant_in")) == 14, "the 4-bit weights were not recognized"
+
+    for method, extra, produced in (("merged_16bit", [], "model.safetensors"), ("gguf", ["--gguf-type", "bf16"], "qbase-BF16.gguf")):
+        reference = tmp_path / f"ref-{method}"
+        streammerge.merge(str(local), [str(adapter)], str(reference), method=method, device="cpu",
+                          **({"gguf_type": "bf16"} if method == "gguf" else {}))
+        out = tmp_path / f"out-{method}"
+        proc = cli(env, "merge", "org/qbase", "org/qlora", "--out", out, "--method", method, *extra, "--low-disk")
+        assert proc.returncode == 0, proc.stderr
+        names = sorted(p.name for p in reference.iterdir() if p.name.endswith((".safetensors", ".gguf")))
+        assert produced in names or any(n.startswith("model-") for n in names), names
+        for name in names:
+            assert sha256(out / name) == sha256(reference / name), (method, name)
+        record = json.loads((out / "streammerge.json").read_text())
+        assert sorted(record["downloads"]["evicted"]) == shards
+    shutil.rmtree(tmp_path / "hf", ignore_errors=True)

@@ -36,28 +36,11 @@ def plan_gguf(base, adapters, options: MergeOptions):
     require()  # before any work: the gguf package is needed to write anything
     checkpoint = open_base(base)  # a local folder, or a Hub repo planned from ranged header reads
     arch_of(checkpoint.config)
-    _refuse_remote_bitsandbytes(checkpoint)
     loaded = [load_adapter(adapter_folder(spec.path), spec.weight) for spec in _adapter_specs(adapters)]
     if not loaded:
         raise AdapterError("give at least one adapter")
     merge_plan = build_plan(checkpoint, loaded, options)
     return checkpoint, loaded, merge_plan, build_gguf_plan(checkpoint, merge_plan, options)
-
-
-def _refuse_remote_bitsandbytes(checkpoint) -> None:
-    """Planning a bitsandbytes base reads each weight's quant-state JSON (and code book) from its
-    shard with local reads; a Hub base whose shards are not downloaded yet cannot be planned so."""
-    from ..errors import UnsupportedError
-    from ..io.hub import HubCheckpoint
-
-    if not isinstance(checkpoint, HubCheckpoint) or checkpoint.download_bytes == 0:
-        return
-    if any(n.endswith((".absmax", ".SCB")) for n in checkpoint.tensors):
-        repo = checkpoint.source.repo_id
-        raise UnsupportedError(
-            f"base {repo} is a bitsandbytes 4-bit/8-bit checkpoint on the Hub, whose quant states cannot be "
-            f"planned from range requests yet; download it first (hf download {repo} --local-dir DIR) and give DIR"
-        )
 
 
 def print_gguf_plan(base, adapters, options: MergeOptions, *, as_json: bool) -> int:

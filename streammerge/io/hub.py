@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import AdapterError, ExecutionError, InputError, OutputError, StreamMergeError
 from .checkpoint import (
@@ -38,7 +38,7 @@ from .checkpoint import (
     read_json,
     safe_member,
 )
-from .safetensors import MAX_HEADER_BYTES, SafetensorsFile, parse_header, read_header
+from .safetensors import MAX_HEADER_BYTES, SafetensorsFile, parse_header, pread_exact, read_header
 
 _ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[^\s@]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -258,6 +258,39 @@ class HubCheckpoint(Checkpoint):
     @property
     def download_bytes(self) -> int:
         return sum(f.size for f in self.files if str(f.path) not in self.cached)
+
+    def read_small(self, refs: Mapping[str, Any], workers: int = 8) -> dict[str, bytes]:
+        """The bytes of a few small tensors (4-bit quant states, code books), for planning: from a
+        shard already on disk, else by HTTP range requests, so a 4-bit base on the Hub is planned
+        before any shard is downloaded (like its headers)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
+
+        def read(item: tuple[str, Any]) -> tuple[str, bytes]:
+            name, ref = item
+            info, path = ref.info, Path(ref.file)
+            if path.is_file():
+                buf = bytearray(info.nbytes)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    pread_exact(fd, memoryview(buf), info.start, str(path))
+                finally:
+                    os.close(fd)
+                return name, bytes(buf)
+            url = hf_hub_url(self.source.repo_id, path.relative_to(self.root).as_posix(), revision=self.source.commit,
+                             endpoint=_constants().ENDPOINT)
+            with hub_errors(f"reading {name} from {self.source.repo_id}"):
+                data, _ = _get_range_retrying(url, info.start, info.end, headers) if info.nbytes else (b"", 0)
+            if len(data) != info.nbytes:
+                raise InputError(f"{self.source.repo_id}/{path.name}: {name} is cut short ({len(data)} of {info.nbytes} bytes)")
+            return name, data
+
+        with ThreadPoolExecutor(max_workers=min(workers, max(1, len(refs)))) as pool:
+            return dict(pool.map(read, refs.items()))
 
 
 def open_base(base: str | os.PathLike) -> Checkpoint:

@@ -63,21 +63,36 @@ def _meta(ref: TensorRef) -> torch.Tensor:
     return torch.empty(ref.info.shape, dtype=getattr(torch, TORCH_NAME[ref.info.dtype]), device="meta")
 
 
-def _view(tensors: Mapping[str, TensorRef], names: list[str]) -> dict[str, torch.Tensor]:
+def _is_small(name: str) -> bool:
+    return name.endswith(_SMALL_SUFFIXES) or bnb4.QUANT_STATE_PREFIX in name
+
+
+def _as_tensor(ref: TensorRef, data: bytes) -> torch.Tensor:
+    dtype = getattr(torch, TORCH_NAME[ref.info.dtype])
+    if not data:
+        return torch.empty(ref.info.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(ref.info.shape)
+
+
+def _small_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The few small tensors parsing needs (quant states, code books, weight formats): read from the
+    shards, or for a Hub base not yet downloaded by range requests (`HubCheckpoint.read_small`)."""
+    refs = {n: ref for n, ref in checkpoint.tensors.items() if _is_small(n)}
+    read_small = getattr(checkpoint, "read_small", None)
+    if read_small is None:
+        return {n: read_tensor(ref) for n, ref in refs.items()}
+    return {n: _as_tensor(refs[n], data) for n, data in read_small(refs).items()}
+
+
+def _view(tensors: Mapping[str, TensorRef], names: list[str], small: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Meta tensors for the named entries, real data for the few small ones parsing needs."""
-    out = {}
-    for n in names:
-        ref = tensors.get(n)
-        if ref is None:
-            continue
-        small = n.endswith(_SMALL_SUFFIXES) or bnb4.QUANT_STATE_PREFIX in n
-        out[n] = read_tensor(ref) if small else _meta(ref)
-    return out
+    return {n: small[n] if _is_small(n) else _meta(tensors[n]) for n in names if n in tensors}
 
 
 def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
     """Every bitsandbytes 4-bit and 8-bit weight of `checkpoint`, keyed by weight name."""
     tensors = checkpoint.tensors
+    small = _small_tensors(checkpoint)
     found: dict[str, QuantizedWeight] = {}
     beside: dict[str, list[str]] = {}  # "<m>.weight" -> the "<m>.weight.*" tensors
     for k in tensors:
@@ -87,7 +102,7 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
     for name in bnb4.bnb4_weight_names(tensors):
         related = [name] + beside.get(name, [])
         try:
-            fmt = bnb4.parse_bnb4(name, _view(tensors, related))
+            fmt = bnb4.parse_bnb4(name, _view(tensors, related, small))
         except ValueError as exc:
             raise InputError(f"{checkpoint.root}: bitsandbytes 4-bit weight {name}: {exc}") from None
         comps = bnb4.companion_names(name, fmt.nested, fmt.quant_type)
@@ -100,7 +115,7 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
             raise InputError(f"{checkpoint.root}: {name} has both 4-bit and 8-bit statistics")
         comps = [c for c in int8.companion_names(name) if c in tensors]
         try:
-            fmt = int8.parse_int8(name, _view(tensors, [name, *comps]))
+            fmt = int8.parse_int8(name, _view(tensors, [name, *comps], small))
         except ValueError as exc:
             raise InputError(f"{checkpoint.root}: bitsandbytes 8-bit weight {name}: {exc}") from None
         found[name] = QuantizedWeight(name, "int8", fmt, tensors[name], {c: tensors[c] for c in comps})
