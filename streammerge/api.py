@@ -107,7 +107,7 @@ def no_op_warning(plan: MergePlan) -> str | None:
     from .execute import torch_dtype
     from .io.safetensors import pread_exact
 
-    b_sources, reasons = set(), []
+    b_sources: set = set()
     for t in plan.tensors:
         if t.op == "replace" or any(term.kind in ("dora", "token_rows") for term in t.loras):
             return None

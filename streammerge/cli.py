@@ -7,7 +7,6 @@ errors answer instantly. Every StreamMergeError becomes one `error: ...` line (t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings

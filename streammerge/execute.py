@@ -518,30 +518,10 @@ class Executor:
 
     # -- writer thread: sequential appends; hasher thread: sha256 + crc32, journal, commit by rename
 
-    def _writer(self, in_q: queue.Queue, hash_q: queue.Queue, bar) -> None:
-        """Writes each chunk at its place and hands it on: the hashing runs beside the writes."""
+    def _stage(self, work: Callable[..., None], *args) -> None:
+        """A writing thread's body: its failure stops the run (a full disk as DiskFullError)."""
         try:
-            while (item := _get(in_q, self._cancelled)) is not None:
-                kind = item[0]
-                if kind == "open":
-                    shard = item[1]
-                    header, _ = build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
-                    path = self.out_dir / shard.filename
-                    point = self.partial.get(shard.filename)
-                    if point is None:
-                        writer = ShardWriter(path, header, shard.size)
-                    else:
-                        writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
-                    self._open_writers.append(writer)  # closed by the hasher's commit, or by run() on failure
-                    item = ("open", shard, writer)
-                    if bar is not None:
-                        bar.update(writer.position)
-                elif kind == "data":
-                    writer.write(item[1], hash=False)
-                    if bar is not None:
-                        bar.update(len(item[1]))
-                _put(hash_q, item, self._cancelled)
-            _put(hash_q, None, self._cancelled)
+            work(*args)
         except _Stop:
             pass
         except OSError as exc:
@@ -550,45 +530,61 @@ class Executor:
         except BaseException as exc:
             self._fail(exc)
 
+    def _writer(self, in_q: queue.Queue, hash_q: queue.Queue, bar) -> None:
+        """Writes each chunk at its place and hands it on: the hashing runs beside the writes."""
+        while (item := _get(in_q, self._cancelled)) is not None:
+            kind = item[0]
+            if kind == "open":
+                shard = item[1]
+                header, _ = build_header([TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
+                path = self.out_dir / shard.filename
+                point = self.partial.get(shard.filename)
+                if point is None:
+                    writer = ShardWriter(path, header, shard.size)
+                else:
+                    writer = ShardWriter(path, header, shard.size, resume_at=point.offset, prefix_hash=point.sha256.copy())
+                self._open_writers.append(writer)  # closed by the hasher's commit, or by run() on failure
+                item = ("open", shard, writer)
+                if bar is not None:
+                    bar.update(writer.position)
+            elif kind == "data":
+                writer.write(item[1], hash=False)
+                if bar is not None:
+                    bar.update(len(item[1]))
+            _put(hash_q, item, self._cancelled)
+        _put(hash_q, None, self._cancelled)
+
     def _hasher(self, in_q: queue.Queue, stats: RunStats) -> None:
         """After the writer: the shard's sha256 and each tensor's crc32 (for the journal), then the
         callbacks, which so only ever name bytes already written; commits each finished shard."""
         writer: ShardWriter | None = None
         shard: OutputShard | None = None
         crc = 0
-        try:
-            while (item := _get(in_q, self._cancelled)) is not None:
-                kind = item[0]
-                if kind == "open":
-                    _, shard, writer = item
-                    if self.on_shard_open is not None:
-                        self.on_shard_open(shard)
-                elif kind == "data":
-                    _, data, release = item
-                    writer.absorb(data)
-                    crc = zlib.crc32(data, crc)
-                    release()
-                    stats.bytes_written += len(data)
-                elif kind == "tensor":
-                    stats.tensors_done += 1
-                    if self.on_tensor_done is not None:
-                        self.on_tensor_done(shard, item[1], crc)
-                    crc = 0
-                elif kind == "close":
-                    sha = writer.commit(rename=item[1].filename not in self.hold)
-                    self._open_writers.remove(writer)
-                    writer = None
-                    stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
-                    if self.on_shard_done is not None:
-                        self.on_shard_done(item[1].filename, item[1].size, sha)
-            self._finished_run = True
-        except _Stop:
-            pass
-        except OSError as exc:
-            cls = DiskFullError if exc.errno in DISK_FULL_ERRNOS else OutputError
-            self._fail(cls(f"writing {self.out_dir}: {exc.strerror or exc}"))
-        except BaseException as exc:
-            self._fail(exc)
+        while (item := _get(in_q, self._cancelled)) is not None:
+            kind = item[0]
+            if kind == "open":
+                _, shard, writer = item
+                if self.on_shard_open is not None:
+                    self.on_shard_open(shard)
+            elif kind == "data":
+                _, data, release = item
+                writer.absorb(data)
+                crc = zlib.crc32(data, crc)
+                release()
+                stats.bytes_written += len(data)
+            elif kind == "tensor":
+                stats.tensors_done += 1
+                if self.on_tensor_done is not None:
+                    self.on_tensor_done(shard, item[1], crc)
+                crc = 0
+            elif kind == "close":
+                sha = writer.commit(rename=item[1].filename not in self.hold)
+                self._open_writers.remove(writer)
+                writer = None
+                stats.shards.append(ShardResult(item[1].filename, item[1].size, sha))
+                if self.on_shard_done is not None:
+                    self.on_shard_done(item[1].filename, item[1].size, sha)
+        self._finished_run = True
 
     # -- compute (calling thread)
 
@@ -785,8 +781,8 @@ class Executor:
                        file=sys.stderr, dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         hash_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
-        writer = threading.Thread(target=self._writer, args=(write_q, hash_q, bar), name="streammerge-write", daemon=True)
-        hasher = threading.Thread(target=self._hasher, args=(hash_q, stats), name="streammerge-hash", daemon=True)
+        writer = threading.Thread(target=self._stage, args=(self._writer, write_q, hash_q, bar), name="streammerge-write", daemon=True)
+        hasher = threading.Thread(target=self._stage, args=(self._hasher, hash_q, stats), name="streammerge-hash", daemon=True)
         if self.inputs is not None:
             self.inputs.begin([f for item in self._schedule if item[0] == "pass" for f in _pass_files(item[1].tensor)])
         reader.start()

@@ -819,7 +819,33 @@ def _base_float_dtype(checkpoint: Checkpoint) -> str | None:
 # ------------------------------------------------------------------------------------------ the pass
 
 
-class Verifier:
+class TimedRun:
+    """`run()` around a subclass's `_run()`: fixed malloc threshold, the input descriptors closed
+    whatever happens, time and bytes read recorded (shared by the safetensors and GGUF verifiers)."""
+
+    _fds: dict[str, int]
+    bytes_read: int
+
+    def run(self) -> VerifyReport:
+        from .execute import _fix_malloc_threshold
+
+        _fix_malloc_threshold()
+        started = time.perf_counter()
+        try:
+            report = self._run()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        report.seconds = time.perf_counter() - started
+        report.bytes_read = self.bytes_read
+        return report
+
+    def _run(self) -> VerifyReport:
+        raise NotImplementedError
+
+
+class Verifier(TimedRun):
     """One streaming pass over OUT's shards: hash (when a record exists) and check every tensor."""
 
     def __init__(
@@ -863,21 +889,6 @@ class Verifier:
         self.bytes_read += len(view)
         if progress and self._bar is not None:
             self._bar.update(len(view))
-
-    def run(self) -> VerifyReport:
-        from .execute import _fix_malloc_threshold
-
-        _fix_malloc_threshold()
-        started = time.perf_counter()
-        try:
-            report = self._run()
-        finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-        report.seconds = time.perf_counter() - started
-        report.bytes_read = self.bytes_read
-        return report
 
     def _run(self) -> VerifyReport:
         self.faults: list[Fault] = []

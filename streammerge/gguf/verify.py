@@ -46,7 +46,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,7 +58,7 @@ from ..errors import InputError, OptionError, PlanError, UnsupportedError
 from ..io.output import RECORD_FILE
 from ..io.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, release_cache
 from ..options import MergeOptions, format_size
-from ..verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, VerifyReport, _fmt_factor
+from ..verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, TimedRun, VerifyReport, _fmt_factor
 from ..quant import stream as qs
 from .plan import QUANT_GROUP_ROWS, QUANT_ROW_COST, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor, row_unit
 
@@ -383,7 +382,7 @@ class FoundFile:
     reader: Any  # gguf.GGUFReader
 
 
-class GGUFVerifier:
+class GGUFVerifier(TimedRun):
     """One streaming pass over OUT's GGUF files against a GGUF plan."""
 
     def __init__(self, plan: GGUFPlan, out: Path, checkpoint, adapters: Sequence, *, device: torch.device,
@@ -433,21 +432,6 @@ class GGUFVerifier:
         row["failed"] += int(failed)
 
     # -- run
-
-    def run(self) -> VerifyReport:
-        from ..execute import _fix_malloc_threshold
-
-        _fix_malloc_threshold()
-        started = time.perf_counter()
-        try:
-            report = self._run()
-        finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-        report.seconds = time.perf_counter() - started
-        report.bytes_read = self.bytes_read
-        return report
 
     def _run(self) -> VerifyReport:
         record = self._load_record()
