@@ -820,11 +820,27 @@ def _base_float_dtype(checkpoint: Checkpoint) -> str | None:
 
 
 class TimedRun:
-    """`run()` around a subclass's `_run()`: fixed malloc threshold, the input descriptors closed
-    whatever happens, time and bytes read recorded (shared by the safetensors and GGUF verifiers)."""
+    """What the safetensors and GGUF verifiers share: positioned reads through cached descriptors
+    (page cache released behind them, bytes counted), and `run()` around a subclass's `_run()`
+    (fixed malloc threshold, descriptors closed whatever happens, time recorded)."""
 
     _fds: dict[str, int]
+    _bar: Any
     bytes_read: int
+
+    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
+        pread_exact(fd, view, offset, path)
+        release_cache(fd, offset, len(view))
+        self.bytes_read += len(view)
+        if progress and self._bar is not None:
+            self._bar.update(len(view))
+
 
     def run(self) -> VerifyReport:
         from .execute import _fix_malloc_threshold
@@ -876,19 +892,6 @@ class Verifier(TimedRun):
         self._fds: dict[str, int] = {}
         self._bar = None
         self.bytes_read = 0
-
-    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
-        pread_exact(fd, view, offset, path)
-        release_cache(fd, offset, len(view))
-        self.bytes_read += len(view)
-        if progress and self._bar is not None:
-            self._bar.update(len(view))
 
     def _run(self) -> VerifyReport:
         self.faults: list[Fault] = []

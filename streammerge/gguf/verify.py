@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import torch
 from .. import ops
 from ..errors import InputError, OptionError, PlanError, UnsupportedError
 from ..io.output import RECORD_FILE
-from ..io.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, release_cache
+from ..io.safetensors import ITEMSIZE, TORCH_NAME
 from ..options import MergeOptions, format_size
 from ..verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, TimedRun, VerifyReport, _fmt_factor
 from ..quant import stream as qs
@@ -406,19 +405,6 @@ class GGUFVerifier(TimedRun):
         self._bar = None
 
     # -- I/O
-
-    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
-        pread_exact(fd, view, offset, path)
-        release_cache(fd, offset, len(view))
-        self.bytes_read += len(view)
-        if progress and self._bar is not None:
-            self._bar.update(len(view))
 
     def _read_source(self, src) -> torch.Tensor:
         buf = bytearray(src.end - src.start)
