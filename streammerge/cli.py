@@ -140,7 +140,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if options.method == "gguf":
         from .gguf.api import print_gguf_plan
 
-        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json)
+        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json, low_disk=args.low_disk)
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     for note in plan.notes:
         if note.startswith("WARNING"):

@@ -568,12 +568,16 @@ def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapte
     reference = tmp_path / "reference"
     streammerge.merge(str(local), [str(adapter)], str(reference), method="gguf", gguf_type="q8_0", device="cpu")
 
+    env = hub_env(fake_hub, tmp_path / "hf")
+    proc = cli(env, "plan", repo, "org/glora", "--method", "gguf", "--gguf-type", "q8_0", "--low-disk")
+    assert proc.returncode == 0, proc.stderr
+    assert "download:" in proc.stdout and "evicted once merged (--low-disk)" in proc.stdout and "peak disk:" in proc.stdout
+
     fake_hub.log.clear()
     storage = tmp_path / "hf" / "hub" / "models--org--gbase" / "blobs"
     cache_at_get: list[int] = []
     fake_hub.on_get = lambda name: cache_at_get.append(
         sum(p.stat().st_size for p in storage.glob("*") if len(p.name) == 64) if name.startswith("model-") else -1)
-    env = hub_env(fake_hub, tmp_path / "hf")
     try:
         proc = cli(env, "merge", repo, "org/glora", "--out", tmp_path / "out", "--method", "gguf",
                    "--gguf-type", "q8_0", "--low-disk", "--push-to-hub", "me/gguf", "--max-chunk-rows", "3")

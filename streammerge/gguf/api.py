@@ -43,12 +43,16 @@ def plan_gguf(base, adapters, options: MergeOptions):
     return checkpoint, loaded, merge_plan, build_gguf_plan(checkpoint, merge_plan, options)
 
 
-def print_gguf_plan(base, adapters, options: MergeOptions, *, as_json: bool) -> int:
-    _, _, merge_plan, gplan = plan_gguf(base, adapters, options)
+def print_gguf_plan(base, adapters, options: MergeOptions, *, as_json: bool, low_disk: bool = False) -> int:
+    from ..io.hub import HubCheckpoint
+
+    checkpoint, _, merge_plan, gplan = plan_gguf(base, adapters, options)
     if as_json:
         print(json.dumps({"merge": merge_plan.to_dict(), "gguf": gplan.to_dict()}, indent=2))
-    else:
-        print("\n".join(summary_lines(gplan, free_disk=shutil.disk_usage(Path.cwd()).free)))
+        return 0
+    print("\n".join(summary_lines(gplan, free_disk=shutil.disk_usage(Path.cwd()).free)))
+    if isinstance(checkpoint, HubCheckpoint):  # what a merge would download, and its peak disk
+        print("\n".join(disk_estimate(checkpoint, gplan, low_disk=low_disk).lines()))
     return 0
 
 
