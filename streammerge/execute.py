@@ -673,9 +673,13 @@ class Executor:
         """Math for one chunk, written into `out_buf`; returns the number of output bytes."""
         tensor = chunk.tensor
         if tensor.op == "quant":  # the packed bytes of a 4-bit output weight
-            packed = st.quantizer.pack(self._merged_f32(chunk, buf, length, st, tiles))
-            out_len = packed.numel()
-            torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len).copy_(packed)
+            merged = self._merged_f32(chunk, buf, length, st, tiles)
+            out_len = (merged.numel() + 1) // 2
+            out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len)
+            if merged.device.type == "cpu":
+                st.quantizer.pack(merged, out)
+            else:
+                out.copy_(st.quantizer.pack(merged))
             return out_len
         width = _rows_and_width(tensor.weight_shape)[1]
         out_dtype = torch_dtype(tensor.dtype)

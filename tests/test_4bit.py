@@ -384,19 +384,33 @@ def test_base_roundtrip_with_merged_4bit(bf16_case, merged):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("n", [64 * 40, 64 * 40 + 37, 1001])
+@pytest.mark.parametrize("n", [64 * 40, 64 * 40 + 37, 1001, (1 << 18) * 2 + 4096 * 3 + 7])
 def test_torch_quantizer_and_absmax_equal_bitsandbytes(quant_type, n):
-    """The torch quantizer (what non-CPU devices run) and the absmax-only pass equal bitsandbytes' op."""
+    """Our quantizer (every device runs it) and the absmax-only pass equal bitsandbytes' op: values on
+    and next to every decision bound, zero blocks, -0.0, subnormals, NaN and inf, odd lengths, sizes
+    over several tiles."""
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-4, 2, n)
     x[:64] = 0.0  # an all-zero block
     x[100] = -0.0
     x[200:264] = 1e-40  # subnormals
+    bounds, _ = B._quantize_bounds(quant_type, torch.device("cpu"))
+    block = torch.cat([bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)])
+    x[320:320 + block.numel()] = block  # scaled by their block's absmax 1.0 below: exactly on the bounds
+    x[320 + block.numel()] = 1.0
+    x[512:512 + block.numel()] = -block
+    x[512 + block.numel()] = -1.0
+    x[700] = float("nan")
+    x[900] = float("inf")
+    x[n - 1] = -float("inf")
     for bs in (64, 128, 4096):
         packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(x, bs, quant_type, torch.uint8)
         tp, ta = B._quantize_4bit_torch(x, bs, quant_type)
-        assert torch.equal(tp, packed.reshape(-1)) and torch.equal(ta, absmax)
-        assert torch.equal(B.block_absmax(x, bs), absmax)
+        assert torch.equal(tp, packed.reshape(-1))
+        assert torch.equal(ta.nan_to_num(), absmax.nan_to_num()) and torch.equal(ta.isnan(), absmax.isnan())
+        finite = x.clone()
+        finite[~finite.isfinite()] = 0.0
+        assert torch.equal(B.block_absmax(finite, bs), torch.ops.bitsandbytes.quantize_4bit.default(finite, bs, quant_type, torch.uint8)[1])
 
 
 @pytest.mark.cuda

@@ -15,9 +15,10 @@ over the *flattened* weight, so a block may straddle rows; :func:`row_alignment`
 granularity at which a chunk starts on a block (and byte) boundary.
 
 Numerics: 4-bit values are looked up in bitsandbytes' own codebook and multiplied by the block's
-float32 absmax, exactly as bitsandbytes' reference kernel does; quantization calls bitsandbytes'
-``quantize_4bit`` on each chunk (it is block-local, so chunking at block boundaries changes nothing),
-and double quantization calls bitsandbytes on the whole absmax vector at :meth:`Bnb4Quantizer.finish`.
+float32 absmax, exactly as bitsandbytes' reference kernel does; quantization reproduces bitsandbytes'
+``quantize_4bit`` op bit for bit on each chunk (it is block-local, so chunking at block boundaries
+changes nothing), and double quantization calls bitsandbytes on the whole absmax vector at
+:meth:`Bnb4Quantizer.finish`.
 
 bitsandbytes is imported lazily: importing this module does not require it.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -521,6 +522,16 @@ def _fmt_for(shape, quant_type, blocksize, double_quant, dtype_name, quant_stora
     )
 
 
+QUANTIZE_TILE = 1 << 18  # values per tile: a tile's temporaries stay in the L2 cache and are reused
+
+
+def _tiles(full: int, blocksize: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) spans of whole blocks covering the first `full` values, QUANTIZE_TILE at most."""
+    tile = max(blocksize, QUANTIZE_TILE // blocksize * blocksize)
+    for start in range(0, full, tile):
+        yield start, min(full, start + tile)
+
+
 def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Per-block float32 absmax of a flat chunk starting on a block boundary, exactly as bitsandbytes'
     ``quantize_4bit`` computes it (full blocks: max |x|; a partial last block: clamped to >= 1e-38)."""
@@ -528,10 +539,14 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = a.numel()
     rem = n % blocksize
     full = n - rem
-    absmax = a[:full].reshape(full // blocksize, blocksize).abs().max(dim=-1)[0]
+    absmax = torch.empty(full // blocksize + (1 if rem else 0), dtype=torch.float32, device=a.device)
+    mag = torch.empty(min(full, QUANTIZE_TILE + blocksize), dtype=torch.float32, device=a.device)
+    for start, stop in _tiles(full, blocksize):
+        m = mag[: stop - start].view(-1, blocksize)
+        torch.abs(a[start:stop].view(-1, blocksize), out=m)
+        torch.amax(m, dim=-1, out=absmax[start // blocksize: stop // blocksize])
     if rem:
-        am = a[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        absmax[-1] = a[full:].abs().max().clamp(min=1e-38)
     return absmax
 
 
@@ -542,42 +557,77 @@ def _quantize_bounds(quant_type: str, device: torch.device) -> tuple[torch.Tenso
     return (code[order[:-1]] + code[order[1:]]) / 2, order
 
 
-def _quantize_4bit_torch(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' default ``quantize_4bit`` kernel (the one its CPU build runs), the same torch
-    operations on any device, so a CUDA chunk gives the CPU's bytes (bnb's CUDA kernel need not)."""
+def _quantize_4bit_torch(
+    flat: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' default ``quantize_4bit`` kernel (the one its CPU build runs), bit for bit, on any
+    device, so a CUDA chunk gives the CPU's bytes (bnb's CUDA kernel need not).
+
+    Two changes make it ~3x faster than bitsandbytes' own CPU op without changing a bit: the code
+    index ``bucketize(x, bounds)`` (the count of bounds below x) is computed from fifteen vectorized
+    compares ``x <= bound`` instead of a scalar binary search per value (a NaN still lands on the
+    last code, as with bucketize), and the work runs in cache-sized tiles of whole blocks whose
+    temporaries are reused (fresh large temporaries cost a page fault per 4 KB). The arithmetic per
+    value is bitsandbytes' own: the float32 reciprocal of the block absmax clamped to 1e-38, one
+    multiply, a clamp to [-1, 1]. ``out``: where to write the packed bytes.
+    """
     bounds, order = _quantize_bounds(quant_type, flat.device)
+    # bitsandbytes' code is order[count of bounds below x]; as a telescoping sum over the bounds that
+    # is order[15] - sum((x <= bound_i) * (order[i+1] - order[i])), in wrapping uint8 arithmetic
+    steps = [(level, (int(order[i]) - int(order[i + 1])) % 256) for i, level in enumerate(bounds.tolist())]
+    top = int(order[-1])
     a = flat.reshape(-1).float()
     n = a.numel()
     rem = n % blocksize
     full = n - rem
-    com = a[:full].reshape(full // blocksize, blocksize)
-    absmax = com.abs().max(dim=-1)[0]
-    scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    dev = a.device
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev) if out is None else out.reshape(-1)
+    if packed.numel() != (n + 1) // 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"out must be uint8 [{(n + 1) // 2}], got {_dtype_name(packed.dtype)} [{packed.numel()}]")
+    absmax = torch.empty(full // blocksize + (1 if rem else 0), dtype=torch.float32, device=dev)
+    span = min(n, QUANTIZE_TILE + blocksize) + 1
+    mag = torch.empty(span, dtype=torch.float32, device=dev)
+    codes = torch.empty(span, dtype=torch.uint8, device=dev)
+    below = torch.empty(span, dtype=torch.bool, device=dev)
+
+    def encode(scaled: torch.Tensor, start: int) -> None:
+        """Codes of the scaled values starting at `start` (even), packed two per byte."""
+        k = scaled.numel()
+        c = codes[:k]
+        c.fill_(top)
+        le = below[:k]
+        for level, step in steps:
+            torch.le(scaled, level, out=le)
+            c.add_(le.view(torch.uint8), alpha=step)
+        if k % 2:  # the last value of an odd count: bitsandbytes pads with 0.0
+            codes[k] = (top + sum(step for level, step in steps if 0.0 <= level)) % 256
+            c = codes[: k + 1]
+        p = packed[start // 2: start // 2 + c.numel() // 2]
+        torch.bitwise_left_shift(c[0::2], 4, out=p)
+        p.bitwise_or_(c[1::2])
+
+    for start, stop in _tiles(full, blocksize):
+        com = a[start:stop].view(-1, blocksize)
+        m = mag[: stop - start].view(-1, blocksize)
+        am = absmax[start // blocksize: stop // blocksize]
+        torch.abs(com, out=m)
+        torch.amax(m, dim=-1, out=am)
+        torch.mul(com, 1.0 / am.clamp(min=1e-38).view(-1, 1), out=m)
+        encode(m.clamp_(-1, 1).view(-1), start)
     if rem:
         am = a[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = torch.bucketize(scaled, bounds, out_int32=True)
-    if quant_type != "nf4":
-        q = order[q]
-    q8 = q.to(torch.uint8)
-    return (q8[::2] << 4) | q8[1::2], absmax
+        absmax[-1] = am
+        encode(torch.clamp(a[full:] / am, -1, 1), full)
+    return packed, absmax
 
 
-def quantize_4bit_chunk(flat: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 bytes, float32 absmax) of a flat chunk that starts on a block boundary.
-
-    On the CPU this is bitsandbytes' own ``quantize_4bit`` op; elsewhere the same arithmetic in
-    torch (:func:`_quantize_4bit_torch`), which the tests prove equal to bitsandbytes' op on the CPU.
-    """
-    if flat.device.type == "cpu":
-        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-
-        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat, blocksize, quant_type, torch.uint8)
-        return packed.reshape(-1), absmax
-    return _quantize_4bit_torch(flat, blocksize, quant_type)
+def quantize_4bit_chunk(
+    flat: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 bytes, float32 absmax) of a flat chunk that starts on a block boundary: the
+    bytes of bitsandbytes' ``quantize_4bit`` op, on any device (:func:`_quantize_4bit_torch`; the
+    tests hold it to bitsandbytes' op on the CPU). The packed bytes go to `out` when given."""
+    return _quantize_4bit_torch(flat, blocksize, quant_type, out)
 
 
 @dataclass
@@ -589,9 +639,9 @@ class Bnb4Quantizer:
     statistics over all of it, as bitsandbytes does. ``compute_dtype_name`` is written as the
     quant-state ``dtype``: the dtype ``dequantize_4bit`` will return, i.e. the dtype the original
     weight had (transformers records the weight's dtype there, not ``bnb_4bit_compute_dtype``).
-    Chunks may live on any device: the CPU runs bitsandbytes' op, other devices the same arithmetic
-    in torch (:func:`quantize_4bit_chunk`), and the statistics are finished on the CPU, so every
-    device writes the same bytes.
+    Chunks may live on any device: every device runs the same torch arithmetic
+    (:func:`quantize_4bit_chunk`), and the statistics are finished on the CPU, so every device
+    writes the same bytes.
     """
 
     shape: tuple[int, ...]
@@ -639,11 +689,11 @@ class Bnb4Quantizer:
             raise ValueError(f"rows must be float32/bfloat16/float16, got {rows.dtype}")
         return n
 
-    def add(self, rows: torch.Tensor) -> torch.Tensor:
+    def add(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Quantize the next rows (float32, shape [k, *shape[1:]] or flat); returns their packed uint8 bytes
-        (on the rows' device)."""
+        (on the rows' device; in `out` when given)."""
         n = self._check_chunk(rows)
-        packed, absmax = quantize_4bit_chunk(rows.reshape(-1).contiguous(), self.blocksize, self.quant_type)
+        packed, absmax = quantize_4bit_chunk(rows.reshape(-1).contiguous(), self.blocksize, self.quant_type, out)
         self._absmax.append(absmax.cpu())
         self._done += n
         return packed.reshape(-1)

@@ -181,8 +181,8 @@ class OutputQuantizer:
         self.qo = qo
         self.q = bnb4.Bnb4Quantizer(tuple(qo.shape), qo.quant_type, qo.blocksize, qo.double_quant, qo.dtype, qo.quant_storage)
 
-    def pack(self, merged: torch.Tensor) -> torch.Tensor:
-        return self.q.add(merged)
+    def pack(self, merged: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.q.add(merged, out)
 
     def measure(self, merged: torch.Tensor) -> None:
         self.q.add_absmax(merged)
