@@ -15,7 +15,6 @@ import queue
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Sequence
@@ -401,7 +400,7 @@ class Executor:
 
     Resuming: with `resume`, finished shards are left out, a partial shard continues after its
     verified prefix; shards in `hold` are synced but left as NAME.partial for the caller to rename
-    last. `on_shard_open(shard)` (the layout as resolved), `on_tensor_done(shard, tensor, crc32)`
+    last. `on_shard_open(shard)` (the layout as resolved), `on_tensor_done(shard, tensor, prefix_sha256)`
     and `on_shard_done(filename, size, sha256)` run in the writer thread. `cancel_event` (or
     `cancel()`) stops the run promptly and raises `Interrupted`.
     """
@@ -516,7 +515,7 @@ class Executor:
         except BaseException as exc:
             self._fail(exc)
 
-    # -- writer thread: sequential appends; hasher thread: sha256 + crc32, journal, commit by rename
+    # -- writer thread: sequential appends; hasher thread: sha256, journal, commit by rename
 
     def _stage(self, work: Callable[..., None], *args) -> None:
         """A writing thread's body: its failure stops the run (a full disk as DiskFullError)."""
@@ -555,11 +554,11 @@ class Executor:
         _put(hash_q, None, self._cancelled)
 
     def _hasher(self, in_q: queue.Queue, stats: RunStats) -> None:
-        """After the writer: the shard's sha256 and each tensor's crc32 (for the journal), then the
-        callbacks, which so only ever name bytes already written; commits each finished shard."""
+        """After the writer: the shard's running sha256 (its digest at each tensor's end goes to the
+        journal), then the callbacks, which so only ever name bytes already written; commits each
+        finished shard."""
         writer: ShardWriter | None = None
         shard: OutputShard | None = None
-        crc = 0
         while (item := _get(in_q, self._cancelled)) is not None:
             kind = item[0]
             if kind == "open":
@@ -569,14 +568,12 @@ class Executor:
             elif kind == "data":
                 _, data, release = item
                 writer.absorb(data)
-                crc = zlib.crc32(data, crc)
                 release()
                 stats.bytes_written += len(data)
             elif kind == "tensor":
                 stats.tensors_done += 1
                 if self.on_tensor_done is not None:
-                    self.on_tensor_done(shard, item[1], crc)
-                crc = 0
+                    self.on_tensor_done(shard, item[1], writer.running_sha256())
             elif kind == "close":
                 sha = writer.commit(rename=item[1].filename not in self.hold)
                 self._open_writers.remove(writer)

@@ -7,15 +7,17 @@ An unfinished merge keeps its state in `OUT/.streammerge/`:
                       sha256s and weights, the options that change output bytes, the compute
                       device type, the streammerge version. Written last: its presence means the
                       state is valid.
-- `journal.jsonl`     one line per finished tensor (shard, name, byte range, crc32 of its bytes), one
+- `journal.jsonl`     one line per finished tensor (shard, name, byte range, sha256 of the shard's
+                      bytes up to its end: the writer's running digest, so it costs nothing), one
                       per committed shard (size, sha256), one per shard whose layout was resolved at
                       run time (4-bit double-quant statistics' lengths) and one per shard pushed to
                       the Hub and deleted (--low-disk --push-to-hub); fsynced every few seconds /
                       records and at every shard commit. A torn last line (kill, full disk) is ignored.
 - `lock`              the pid of the merge holding the folder (the lock itself is a `flock` on OUT).
 
-Nothing in the journal is trusted blindly: on resume every journaled tensor is read back and its
-crc32 compared, so a record that reached the disk before its data did is simply redone.
+Nothing in the journal is trusted blindly: on resume every journaled tensor is read back and the
+digest of the shard up to its end compared, so a record that reached the disk before its data did
+is simply redone (and the reread restores the shard's running sha256 for the rest of it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -300,8 +301,8 @@ def _shard_header(shard: OutputShard) -> bytes:
 
 
 def _verify_file(path: Path, shard: OutputShard, header: bytes, recs: dict[str, dict], cancel) -> tuple[int, int, Any, int]:
-    """Read a shard file back: header, then each journaled tensor in file order, crc32 against the
-    journal. Returns (verified offset, tensors verified, sha256 of the verified prefix, file size)."""
+    """Read a shard file back: header, then each journaled tensor in file order, the digest of the
+    file up to its end against the journal. Returns (verified offset, tensors verified, sha256 of the verified prefix, file size)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -314,7 +315,7 @@ def _verify_file(path: Path, shard: OutputShard, header: bytes, recs: dict[str, 
             rec = recs.get(tensor.name)
             if rec is None or rec.get("start") != tensor.start or rec.get("end") != tensor.end or tensor.end > size:
                 break
-            trial, crc, pos = sha.copy(), 0, tensor.start
+            trial, pos = sha.copy(), tensor.start
             while pos < tensor.end:
                 if cancel is not None and cancel.is_set():
                     raise Interrupted("interrupted while checking the output of the interrupted run; re-run the same command to resume")
@@ -323,10 +324,9 @@ def _verify_file(path: Path, shard: OutputShard, header: bytes, recs: dict[str, 
                 if n <= 0:
                     break
                 trial.update(view[:n])
-                crc = zlib.crc32(view[:n], crc)
                 pos += n
             release_cache(fd, tensor.start, tensor.nbytes)
-            if pos != tensor.end or crc != rec.get("crc32"):
+            if pos != tensor.end or trial.copy().hexdigest() != rec.get("prefix_sha256"):
                 break
             sha, offset, done = trial, tensor.end, done + 1
         return offset, done, sha, size
@@ -382,7 +382,7 @@ def verify(out: Path, plan: MergePlan, records: list[dict[str, Any]], cancel=Non
             if done == len(shard.tensors) and offset == shard.size == size:
                 digest = sha.hexdigest()
                 if commit is not None and commit.get("sha256") != digest:
-                    continue  # the crc32s agree but the whole-file digest does not: trust neither
+                    continue  # the tensors' digests agree but the whole file's does not: trust neither
                 state.finished[shard.filename] = FinishedShard(shard.filename, shard.size, digest, path)
                 if path == final and partial_path(final).exists():
                     state.stale.append(partial_path(final))  # it must never be renamed over the good one
@@ -494,9 +494,9 @@ class Run:
         """A shard is on the Hub and about to be deleted here (--low-disk --push-to-hub)."""
         self.journal.append({"t": "pushed", "shard": filename}, sync=True)
 
-    def tensor_done(self, shard: OutputShard, tensor, crc32: int) -> None:
+    def tensor_done(self, shard: OutputShard, tensor, prefix_sha256: str) -> None:
         self.journal.append({"t": "tensor", "shard": shard.filename, "name": tensor.name,
-                             "start": tensor.start, "end": tensor.end, "crc32": crc32})
+                             "start": tensor.start, "end": tensor.end, "prefix_sha256": prefix_sha256})
         self.tensors_done += 1
 
     def shard_done(self, filename: str, size: int, sha256: str) -> None:

@@ -350,6 +350,10 @@ class ShardWriter:
     def absorb(self, data: memoryview | bytes) -> None:
         self._hash.update(memoryview(data).cast("B"))
 
+    def running_sha256(self) -> str:
+        """sha256 hex digest of the bytes hashed so far (the file's prefix up to them)."""
+        return self._hash.copy().hexdigest()
+
     def sync(self) -> None:
         os.fdatasync(self._fd)
 
