@@ -126,3 +126,71 @@ def test_bad_header_bytes(tmp_path):
     tiny.write_bytes(b"abc")
     with pytest.raises(InputError, match="3 bytes"):
         read_header(tiny)
+
+
+def _fs_type(path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest mount point wins)."""
+    best, kind = "", ""
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            _, mount, fstype = line.split()[:3]
+            if str(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+def _resident_pages(path, length: int) -> list[bool]:
+    """Which pages of the file are in the page cache (mincore on a private mapping; touches nothing)."""
+    import ctypes
+    import mmap
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_COPY)
+    try:
+        pages = -(-length // page)
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+        return [bool(v & 1) for v in vec]
+    finally:
+        del addr
+        mm.close()
+
+
+@pytest.mark.parametrize("sync_file_range", [True, False])
+def test_writer_drops_written_pages_and_keeps_the_bytes(tmp_path, monkeypatch, sync_file_range):
+    """The written page cache stays bounded: all but the last two flush windows of a shard are on
+    disk and dropped from the cache while it is written (sync_file_range on Linux, else fdatasync);
+    the file's bytes and sha256 are those written."""
+    import hashlib
+    import os
+    import sys
+
+    from streammerge.io import safetensors as S
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("page-cache residency is checked with Linux's mincore")
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages cannot be dropped")
+    window = 1 << 20
+    monkeypatch.setattr(S, "_SYNC_EVERY", window)
+    if not sync_file_range:
+        monkeypatch.setattr(S, "_sync_file_range", None)
+    header = b"\x08" + b"\x00" * 7 + b"{}      "
+    chunks = [os.urandom(window // 4) for _ in range(64)]  # 16 windows
+    total = len(header) + sum(map(len, chunks))
+    writer = S.ShardWriter(tmp_path / "x.safetensors", header, total)
+    for chunk in chunks:
+        writer.write(chunk)
+    resident = _resident_pages(writer.partial_path, total)
+    page = os.sysconf("SC_PAGE_SIZE")
+    settled = (total - 3 * window) // page  # everything before the last two windows (+ the unflushed tail)
+    kept = sum(resident[:settled])  # fadvise drops whole pages: at most the one around each window edge
+    assert settled > 0 and kept <= total // window, f"{kept} of {settled} pages still cached"
+    digest = writer.commit()
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert data == header + b"".join(chunks)
+    assert digest == hashlib.sha256(data).hexdigest()
