@@ -657,6 +657,20 @@ class Executor:
             return w if fresh else w.float()
         return st.math.compute(w, chunk.row_start, torch.float32, tiles, out=w if fresh else None)
 
+    def _merged_pieces(self, chunk: Chunk, buf, length: int, st: _PassState, tiles) -> Iterator[tuple[int, torch.Tensor]]:
+        """The float32 rows of :meth:`_merged_f32` for a 4-bit output, as (first row in the chunk, rows):
+        tile by tile (whole quantization blocks) when LoRA terms merge into a 16-bit source, so the
+        chunk's float32 rows never exist whole; else the whole chunk at once."""
+        if st.math is not None and st.decoder is None and st.roundtrip is None:
+            width = _rows_and_width(chunk.tensor.weight_shape)[1]
+            align = qs.row_alignment(chunk.tensor)
+            if ops.tile_rows(width, tiles, align) > 0:
+                w = self._weight_rows(chunk, buf, length, st)
+                for t0, _, acc in st.math.tiles(w, chunk.row_start, tiles, align):
+                    yield t0, acc
+                return
+        yield 0, self._merged_f32(chunk, buf, length, st, tiles)
+
     def _observe(self, chunk: Chunk, buf, length: int, st: _PassState, tiles) -> None:
         """A statistics pass: block absmax of the merged rows (or of the base, for a round trip)."""
         if chunk.purpose == "roundtrip":
@@ -664,19 +678,22 @@ class Executor:
         elif chunk.purpose == "prepass":
             st.math.prepass(self._weight_rows(chunk, buf, length, st), chunk.row_start, tiles)
         else:
-            st.quantizer.measure(self._merged_f32(chunk, buf, length, st, tiles))
+            for _, rows in self._merged_pieces(chunk, buf, length, st, tiles):
+                st.quantizer.measure(rows)
 
     def _compute_into(self, chunk: Chunk, buf: bytearray, length: int, out_buf: bytearray, st: _PassState, tiles) -> int:
         """Math for one chunk, written into `out_buf`; returns the number of output bytes."""
         tensor = chunk.tensor
         if tensor.op == "quant":  # the packed bytes of a 4-bit output weight
-            merged = self._merged_f32(chunk, buf, length, st, tiles)
-            out_len = (merged.numel() + 1) // 2
-            out = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len)
-            if merged.device.type == "cpu":
-                st.quantizer.pack(merged, out)
-            else:
-                out.copy_(st.quantizer.pack(merged))
+            width = _rows_and_width(tensor.weight_shape)[1]
+            out_len = (chunk.rows * width + 1) // 2
+            packed = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len)
+            for t0, rows in self._merged_pieces(chunk, buf, length, st, tiles):
+                out = packed[t0 * width // 2: (t0 * width + rows.numel() + 1) // 2]
+                if rows.device.type == "cpu":
+                    st.quantizer.pack(rows, out)
+                else:
+                    out.copy_(st.quantizer.pack(rows))
             return out_len
         width = _rows_and_width(tensor.weight_shape)[1]
         out_dtype = torch_dtype(tensor.dtype)

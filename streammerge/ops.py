@@ -172,11 +172,16 @@ class Tiles:
         return cls(torch.empty(elements, dtype=torch.float32, device=device), torch.empty(elements, dtype=torch.float32, device=device))
 
 
-def _tile_rows(base_rows: torch.Tensor, tiles: Tiles) -> Iterator[tuple[int, int, torch.Tensor]]:
+def tile_rows(cols: int, tiles: Tiles, align: int = 1) -> int:
+    """Rows per tile: as many as fit the tile, a multiple of `align` (0 when `align` rows do not fit)."""
+    return tiles.acc.numel() // max(cols, 1) // align * align
+
+
+def _tile_rows(base_rows: torch.Tensor, tiles: Tiles, align: int = 1) -> Iterator[tuple[int, int, torch.Tensor]]:
     rows, cols = base_rows.shape
-    tile_rows = max(1, tiles.acc.numel() // max(cols, 1))
-    for t0 in range(0, rows, tile_rows):
-        t1 = min(rows, t0 + tile_rows)
+    step = max(1, tile_rows(cols, tiles, align))
+    for t0 in range(0, rows, step):
+        t1 = min(rows, t0 + step)
         yield t0, t1, tiles.acc[: (t1 - t0) * cols].view(t1 - t0, cols)
 
 
@@ -198,12 +203,22 @@ def merge_rows(
         tiles = Tiles.allocate(min(rows * cols, max(TILE_ELEMENTS, cols)), base_rows.device)
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype, device=base_rows.device)
-    for t0, t1, acc in _tile_rows(base_rows, tiles):
+    for t0, t1, acc in merged_tiles(base_rows, terms, row_start, tiles):
+        out[t0:t1].copy_(acc)
+    return out
+
+
+def merged_tiles(
+    base_rows: torch.Tensor, terms: list, row_start: int, tiles: Tiles, align: int = 1
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The merged float32 rows tile by tile, `(t0, t1, acc)` with `acc` = rows [t0, t1) of the chunk,
+    valid until the next tile: a consumer that reduces each tile at once (a 4-bit quantizer) never
+    needs the chunk's float32 rows in memory. Tiles are whole multiples of `align` rows (but the last)."""
+    for t0, t1, acc in _tile_rows(base_rows, tiles, align):
         acc.copy_(base_rows[t0:t1])
         for term in terms:
             term.apply(acc, row_start + t0, tiles.delta[: acc.numel()].view(acc.shape))
-        out[t0:t1].copy_(acc)
-    return out
+        yield t0, t1, acc
 
 
 def accumulate_columns(base_rows: torch.Tensor, terms: list, row_start: int, norms: ColumnNorms, tiles: Tiles) -> None:

@@ -66,10 +66,17 @@ class TensorMath:
         ops.accumulate_columns(base_rows, self._delta_terms, row_start, self._column_norms, tiles)
 
     def compute(self, base_rows: torch.Tensor, row_start: int, out_dtype: torch.dtype, tiles: ops.Tiles, out=None) -> torch.Tensor:
+        return ops.merge_rows(base_rows, self._ready(), row_start, out_dtype, tiles=tiles, out=out)
+
+    def tiles(self, base_rows: torch.Tensor, row_start: int, tiles: ops.Tiles, align: int = 1):
+        """The merged rows as float32 tiles (see ops.merged_tiles)."""
+        return ops.merged_tiles(base_rows, self._ready(), row_start, tiles, align)
+
+    def _ready(self) -> list:
         if self._column_norms is not None:  # the first pass is complete: the column scale is known
             self.terms.append(ops.DoraColumnsF32(self._magnitude / self._column_norms.norms()))
             self._column_norms = None
-        return ops.merge_rows(base_rows, self.terms, row_start, out_dtype, tiles=tiles, out=out)
+        return self.terms
 
 
 def _lora(term: LoraTerm, read: Reader, device: torch.device) -> ops.LoraTermF32:

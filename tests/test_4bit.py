@@ -298,6 +298,36 @@ def test_merged_4bit_blocksize_alignment(bf16_case, merged):
         assert_bits_equal(ours[k], v, k)
 
 
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_merged_4bit_quantizes_merged_tiles(blocksize, bf16_case, tmp_path, monkeypatch):
+    """A 16-bit source's merged rows are quantized tile by tile (never materialized whole): with tiles
+    of a few rows, many tiles per chunk, tiles rounded to the block alignment (blocksize 256 over
+    64-wide rows: 4 rows) and, where the alignment does not fit a tile (down_proj's 320-wide rows),
+    the whole chunk at once; the bytes are bitsandbytes' for the whole merged tensor."""
+    from streammerge import ops
+
+    monkeypatch.setattr(ops, "TILE_ELEMENTS", 3 * 64)  # a tile: 5 rows of 64 (the widest row is 320)
+    seen = []
+    original = ops.merged_tiles
+
+    def merged_tiles(base_rows, terms, row_start, tiles, align=1):
+        for t0, t1, acc in original(base_rows, terms, row_start, tiles, align):
+            seen.append((base_rows.shape[1], t1 - t0, align))
+            yield t0, t1, acc
+
+    monkeypatch.setattr(ops, "merged_tiles", merged_tiles)
+    out = tmp_path / "out"
+    streammerge.merge(bf16_case.base_path, [bf16_case.adapter_path], out, method="merged_4bit",
+                      blocksize=blocksize, max_chunk_rows=40)
+    assert any(rows > 1 and rows % align == 0 and rows < 40 for _, rows, align in seen)  # tiles inside chunks
+    ours = load_safetensors_dir(out)
+    base = load_safetensors_dir(bf16_case.base_path)
+    for name in sorted(bf16_case.targets):
+        want = bnb4_state_dict(name, merged_f32(bf16_case, name, base[name]), "nf4", blocksize, True, torch.bfloat16)
+        for k, v in want.items():
+            assert_bits_equal(ours[k], v, f"{k} (blocksize {blocksize})")
+
+
 @pytest.mark.parametrize("case_name", ["nf4dq-from-bf16", "nf4dq-from-nf4dq", "fp4-from-bf16"])
 def test_merged_4bit_loads_back(case_name, bf16_case, qbase, merged):
     """Params4bit.from_prequantized and transformers (config.json's quantization_config, CPU) load the
