@@ -435,9 +435,10 @@ def test_torch_quantizer_and_absmax_equal_bitsandbytes(quant_type, n):
     x[n - 1] = -float("inf")
     for bs in (64, 128, 4096):
         packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(x, bs, quant_type, torch.uint8)
-        tp, ta = B._quantize_4bit_torch(x, bs, quant_type)
-        assert torch.equal(tp, packed.reshape(-1))
-        assert torch.equal(ta.nan_to_num(), absmax.nan_to_num()) and torch.equal(ta.isnan(), absmax.isnan())
+        for tile in (None, n, 1000):  # CPU tiles, the whole chunk (as on a GPU), tiles of ~1000 values
+            tp, ta = B._quantize_4bit_torch(x, bs, quant_type, tile=tile)
+            assert torch.equal(tp, packed.reshape(-1)), tile
+            assert torch.equal(ta.nan_to_num(), absmax.nan_to_num()) and torch.equal(ta.isnan(), absmax.isnan())
         finite = x.clone()
         finite[~finite.isfinite()] = 0.0
         assert torch.equal(B.block_absmax(finite, bs), torch.ops.bitsandbytes.quantize_4bit.default(finite, bs, quant_type, torch.uint8)[1])

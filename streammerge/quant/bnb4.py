@@ -522,12 +522,18 @@ def _fmt_for(shape, quant_type, blocksize, double_quant, dtype_name, quant_stora
     )
 
 
-QUANTIZE_TILE = 1 << 18  # values per tile: a tile's temporaries stay in the L2 cache and are reused
+QUANTIZE_TILE = 1 << 18  # values per CPU tile: a tile's temporaries stay in cache and are reused
 
 
-def _tiles(full: int, blocksize: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) spans of whole blocks covering the first `full` values, QUANTIZE_TILE at most."""
-    tile = max(blocksize, QUANTIZE_TILE // blocksize * blocksize)
+def _tile_size(n: int, blocksize: int, device: torch.device) -> int:
+    """Values per tile, whole blocks: cache-sized on the CPU; on a GPU the whole chunk (one kernel
+    per operation instead of one per tile and operation)."""
+    tile = QUANTIZE_TILE if device.type == "cpu" else max(n, 1)
+    return max(blocksize, -(-tile // blocksize) * blocksize)
+
+
+def _tiles(full: int, tile: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) spans of `tile` values covering the first `full` values."""
     for start in range(0, full, tile):
         yield start, min(full, start + tile)
 
@@ -540,8 +546,9 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     rem = n % blocksize
     full = n - rem
     absmax = torch.empty(full // blocksize + (1 if rem else 0), dtype=torch.float32, device=a.device)
-    mag = torch.empty(min(full, QUANTIZE_TILE + blocksize), dtype=torch.float32, device=a.device)
-    for start, stop in _tiles(full, blocksize):
+    tile = _tile_size(n, blocksize, a.device)
+    mag = torch.empty(min(full, tile), dtype=torch.float32, device=a.device)
+    for start, stop in _tiles(full, tile):
         m = mag[: stop - start].view(-1, blocksize)
         torch.abs(a[start:stop].view(-1, blocksize), out=m)
         torch.amax(m, dim=-1, out=absmax[start // blocksize: stop // blocksize])
@@ -558,7 +565,7 @@ def _quantize_bounds(quant_type: str, device: torch.device) -> tuple[torch.Tenso
 
 
 def _quantize_4bit_torch(
-    flat: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor | None = None
+    flat: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor | None = None, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' default ``quantize_4bit`` kernel (the one its CPU build runs), bit for bit, on any
     device, so a CUDA chunk gives the CPU's bytes (bnb's CUDA kernel need not).
@@ -569,7 +576,8 @@ def _quantize_4bit_torch(
     last code, as with bucketize), and the work runs in cache-sized tiles of whole blocks whose
     temporaries are reused (fresh large temporaries cost a page fault per 4 KB). The arithmetic per
     value is bitsandbytes' own: the float32 reciprocal of the block absmax clamped to 1e-38, one
-    multiply, a clamp to [-1, 1]. ``out``: where to write the packed bytes.
+    multiply, a clamp to [-1, 1]. ``out``: where to write the packed bytes; ``tile``: values per tile
+    (default :func:`_tile_size`'s).
     """
     bounds, order = _quantize_bounds(quant_type, flat.device)
     # bitsandbytes' code is order[count of bounds below x]; as a telescoping sum over the bounds that
@@ -585,7 +593,8 @@ def _quantize_4bit_torch(
     if packed.numel() != (n + 1) // 2 or packed.dtype != torch.uint8:
         raise ValueError(f"out must be uint8 [{(n + 1) // 2}], got {_dtype_name(packed.dtype)} [{packed.numel()}]")
     absmax = torch.empty(full // blocksize + (1 if rem else 0), dtype=torch.float32, device=dev)
-    span = min(n, QUANTIZE_TILE + blocksize) + 1
+    tile = _tile_size(n, blocksize, dev) if tile is None else max(blocksize, -(-tile // blocksize) * blocksize)
+    span = min(n, tile) + 1
     mag = torch.empty(span, dtype=torch.float32, device=dev)
     codes = torch.empty(span, dtype=torch.uint8, device=dev)
     below = torch.empty(span, dtype=torch.bool, device=dev)
@@ -606,7 +615,7 @@ def _quantize_4bit_torch(
         torch.bitwise_left_shift(c[0::2], 4, out=p)
         p.bitwise_or_(c[1::2])
 
-    for start, stop in _tiles(full, blocksize):
+    for start, stop in _tiles(full, tile):
         com = a[start:stop].view(-1, blocksize)
         m = mag[: stop - start].view(-1, blocksize)
         am = absmax[start // blocksize: stop // blocksize]
