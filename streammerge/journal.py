@@ -302,7 +302,8 @@ def _shard_header(shard: OutputShard) -> bytes:
 
 def _verify_file(path: Path, shard: OutputShard, header: bytes, recs: dict[str, dict], cancel) -> tuple[int, int, Any, int]:
     """Read a shard file back: header, then each journaled tensor in file order, the digest of the
-    file up to its end against the journal. Returns (verified offset, tensors verified, sha256 of the verified prefix, file size)."""
+    file up to its end against the journal. Returns (verified offset, tensors verified, sha256 of
+    the verified prefix, file size)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size

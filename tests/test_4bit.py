@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -442,6 +444,23 @@ def test_torch_quantizer_and_absmax_equal_bitsandbytes(quant_type, n):
         finite = x.clone()
         finite[~finite.isfinite()] = 0.0
         assert torch.equal(B.block_absmax(finite, bs), torch.ops.bitsandbytes.quantize_4bit.default(finite, bs, quant_type, torch.uint8)[1])
+
+
+def test_bitsandbytes_is_imported_without_its_compile_wrappers(qbase, bf16_case, tmp_path):
+    """bnb4.bitsandbytes_functional imports bitsandbytes with torch.compile as the identity: a merge
+    onto a 4-bit base does not build bitsandbytes' compile wrappers (which load torch._inductor's
+    compiler, ~0.8 s), its output is unchanged, and torch.compile is restored."""
+    code = (
+        "import sys, torch, streammerge; compile_ = torch.compile; "
+        f"streammerge.merge({str(qbase('nf4-dq'))!r}, [{str(bf16_case.adapter_path)!r}], {str(tmp_path / 'out')!r}); "
+        "assert 'bitsandbytes' in sys.modules; "
+        "assert 'torch._inductor.compile_fx' not in sys.modules; assert torch.compile is compile_"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = streammerge.merge(qbase("nf4-dq"), [bf16_case.adapter_path], tmp_path / "in-process")
+    assert reference is not None
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "in-process" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.cuda

@@ -196,9 +196,7 @@ def constant_part(qo: QuantOut) -> torch.Tensor | None:
     if qo.part == "quant_map":
         return bnb4.codebook(qo.quant_type).to(torch.float32).contiguous()
     if qo.part == "nested_quant_map":
-        from bitsandbytes.functional import create_dynamic_map
-
-        return create_dynamic_map().to(torch.float32).contiguous()
+        return bnb4.bitsandbytes_functional().create_dynamic_map().to(torch.float32).contiguous()
     return None
 
 
