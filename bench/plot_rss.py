@@ -56,7 +56,9 @@ def main() -> int:
     res_dir = HERE / "results"
     files = [Path(p) for p in a.json]
     if a.all or not files:
-        allf = sorted(res_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        # bench_merge.py's results (<date>-<tag>.json); other benchmarks' JSON have other fields
+        allf = sorted(res_dir.glob("[0-9][0-9][0-9][0-9]-*.json"), key=lambda p: p.stat().st_mtime)
+        allf = [p for p in allf if "options" in json.loads(p.read_text())]
         files = allf if a.all else allf[-1:]
     if not files:
         print("no result JSON found; run bench/bench_merge.py first", file=sys.stderr)
