@@ -307,21 +307,24 @@ def test_merged_4bit_quantizes_merged_tiles(blocksize, bf16_case, tmp_path, monk
     64-wide rows: 4 rows) and, where the alignment does not fit a tile (down_proj's 320-wide rows),
     the whole chunk at once; the bytes are bitsandbytes' for the whole merged tensor."""
     from streammerge import ops
+    from streammerge.terms import TensorMath
 
     monkeypatch.setattr(ops, "TILE_ELEMENTS", 3 * 64)  # a tile: 5 rows of 64 (the widest row is 320)
-    seen = []
-    original = ops.merged_tiles
+    fused = []  # (row width, rows per tile, alignment) of every tile quantized without the whole chunk
+    original = TensorMath.tiles
 
-    def merged_tiles(base_rows, terms, row_start, tiles, align=1):
-        for t0, t1, acc in original(base_rows, terms, row_start, tiles, align):
-            seen.append((base_rows.shape[1], t1 - t0, align))
+    def tiles(self, base_rows, row_start, work, align=1):
+        for t0, t1, acc in original(self, base_rows, row_start, work, align):
+            fused.append((base_rows.shape[1], t1 - t0, align))
             yield t0, t1, acc
 
-    monkeypatch.setattr(ops, "merged_tiles", merged_tiles)
+    monkeypatch.setattr(TensorMath, "tiles", tiles)
     out = tmp_path / "out"
     streammerge.merge(bf16_case.base_path, [bf16_case.adapter_path], out, method="merged_4bit",
                       blocksize=blocksize, max_chunk_rows=40)
-    assert any(rows > 1 and rows % align == 0 and rows < 40 for _, rows, align in seen)  # tiles inside chunks
+    align = blocksize // 64
+    assert any(width == 64 and 1 < rows < 40 and rows % align == 0 for width, rows, _ in fused)  # tiles in chunks
+    assert (320 in {w for w, _, _ in fused}) == (blocksize == 64)  # 320-wide rows: 4 aligned rows do not fit
     ours = load_safetensors_dir(out)
     base = load_safetensors_dir(bf16_case.base_path)
     for name in sorted(bf16_case.targets):
