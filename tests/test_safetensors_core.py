@@ -160,7 +160,17 @@ def _resident_pages(path, length: int) -> list[bool]:
         mm.close()
 
 
-@pytest.mark.parametrize("sync_file_range", [True, False])
+def _failing_sync_file_range(code: int):
+    import ctypes
+
+    def fake(fd, offset, nbytes, flags):
+        ctypes.set_errno(code)
+        return -1
+
+    return fake
+
+
+@pytest.mark.parametrize("sync_file_range", ["linux", "absent", "unsupported"])
 def test_writer_drops_written_pages_and_keeps_the_bytes(tmp_path, monkeypatch, sync_file_range):
     """The written page cache stays bounded: all but the last two flush windows of a shard are on
     disk and dropped from the cache while it is written (sync_file_range on Linux, else fdatasync);
@@ -177,8 +187,12 @@ def test_writer_drops_written_pages_and_keeps_the_bytes(tmp_path, monkeypatch, s
         pytest.skip(f"{tmp_path} is in memory: its pages cannot be dropped")
     window = 1 << 20
     monkeypatch.setattr(S, "_SYNC_EVERY", window)
-    if not sync_file_range:
+    if sync_file_range == "absent":
         monkeypatch.setattr(S, "_sync_file_range", None)
+    elif sync_file_range == "unsupported":  # a filesystem without it: fdatasync per window
+        import errno
+
+        monkeypatch.setattr(S, "_sync_file_range", _failing_sync_file_range(errno.EINVAL))
     header = b"\x08" + b"\x00" * 7 + b"{}      "
     chunks = [os.urandom(window // 4) for _ in range(64)]  # 16 windows
     total = len(header) + sum(map(len, chunks))
@@ -194,3 +208,20 @@ def test_writer_drops_written_pages_and_keeps_the_bytes(tmp_path, monkeypatch, s
     data = (tmp_path / "x.safetensors").read_bytes()
     assert data == header + b"".join(chunks)
     assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_writer_raises_a_writeback_error(tmp_path, monkeypatch):
+    """An I/O error reported by sync_file_range (the disk failed to take a window) is raised like
+    fdatasync's, not swallowed by the fallback."""
+    import errno
+
+    from streammerge.io import safetensors as S
+
+    monkeypatch.setattr(S, "_SYNC_EVERY", 1 << 16)
+    monkeypatch.setattr(S, "_sync_file_range", _failing_sync_file_range(errno.EIO))
+    writer = S.ShardWriter(tmp_path / "x.safetensors", b"\x08" + b"\x00" * 7 + b"{}      ", 16 + (1 << 17))
+    with pytest.raises(OSError) as info:
+        writer.write(b"\x00" * (1 << 17))
+    assert info.value.errno == errno.EIO
+    writer.close()
+

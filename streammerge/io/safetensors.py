@@ -304,6 +304,7 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._synced = 0
         self._behind: tuple[int, int] | None = None  # the window whose writeback runs while we write
+        self._no_range_sync = False
         self._fd = -1
         flags = os.O_RDWR | os.O_CREAT
         try:
@@ -370,16 +371,30 @@ class ShardWriter:
         pages. At most two windows of the shard are in the page cache at any time."""
         start, end = self._synced, self._pos
         self._synced = end
-        if _sync_file_range is None or _sync_file_range(self._fd, start, end - start, _SYNC_FILE_RANGE_WRITE) != 0:
-            os.fdatasync(self._fd)
-            release_cache(self._fd, start, end - start)
+        if self._range_sync(start, end, _SYNC_FILE_RANGE_WRITE):
+            if self._behind is not None:
+                b0, b1 = self._behind
+                self._range_sync(b0, b1, _SYNC_FILE_RANGE_WAIT | _SYNC_FILE_RANGE_WRITE)
+                release_cache(self._fd, b0, b1 - b0)
+            self._behind = (start, end)
             return
+        os.fdatasync(self._fd)  # no sync_file_range here: flush and drop in one go
         if self._behind is not None:
-            b0, b1 = self._behind
-            if _sync_file_range(self._fd, b0, b1 - b0, _SYNC_FILE_RANGE_WAIT | _SYNC_FILE_RANGE_WRITE) != 0:
-                os.fdatasync(self._fd)
-            release_cache(self._fd, b0, b1 - b0)
-        self._behind = (start, end)
+            start, self._behind = self._behind[0], None
+        release_cache(self._fd, start, end - start)
+
+    def _range_sync(self, start: int, end: int, flags: int) -> bool:
+        """sync_file_range; False where the system or filesystem lacks it. A writeback error (EIO,
+        ENOSPC) is raised, as fdatasync would raise it."""
+        if _sync_file_range is None or self._no_range_sync:
+            return False
+        if _sync_file_range(self._fd, start, end - start, flags) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+            self._no_range_sync = True
+            return False
+        raise OSError(err, os.strerror(err))
 
     def absorb(self, data: memoryview | bytes) -> None:
         self._hash.update(memoryview(data).cast("B"))
