@@ -413,7 +413,7 @@ class Executor:
         device: torch.device,
         progress: bool = False,
         on_shard_open: Callable[[OutputShard], None] | None = None,
-        on_tensor_done: Callable[[OutputShard, OutputTensor, int], None] | None = None,
+        on_tensor_done: Callable[[OutputShard, OutputTensor, str], None] | None = None,
         on_shard_done: Callable[[str, int, str], None] | None = None,
         inputs: InputFiles | None = None,
         resume: Resume | None = None,
@@ -659,9 +659,10 @@ class Executor:
 
     def _merged_pieces(self, chunk: Chunk, buf, length: int, st: _PassState, tiles) -> Iterator[tuple[int, torch.Tensor]]:
         """The float32 rows of :meth:`_merged_f32` for a 4-bit output, as (first row in the chunk, rows):
-        tile by tile (whole quantization blocks) when LoRA terms merge into a 16-bit source, so the
-        chunk's float32 rows never exist whole; else the whole chunk at once."""
-        if st.math is not None and st.decoder is None and st.roundtrip is None:
+        on the CPU, tile by tile (whole quantization blocks) when LoRA terms merge into a 16-bit
+        source, so the chunk's float32 rows never exist whole; else the whole chunk at once (a GPU
+        quantizes a chunk in one kernel per operation)."""
+        if self.device.type == "cpu" and st.math is not None and st.decoder is None and st.roundtrip is None:
             width = _rows_and_width(chunk.tensor.weight_shape)[1]
             align = qs.row_alignment(chunk.tensor)
             if ops.tile_rows(width, tiles, align) > 0:

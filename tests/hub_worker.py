@@ -49,7 +49,7 @@ def low_disk_executor(args: dict) -> dict:
     baseline = _tree_bytes(storage)  # config, tokenizer, index (+ pre-cached shards)
     samples = []
 
-    def on_tensor_done(shard, tensor, crc) -> None:
+    def on_tensor_done(shard, tensor, digest) -> None:
         samples.append({
             "tensor": tensor.name,
             "cache_growth": _tree_bytes(storage) - baseline,

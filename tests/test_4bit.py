@@ -466,6 +466,27 @@ def test_bitsandbytes_is_imported_without_its_compile_wrappers(qbase, bf16_case,
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "in-process" / "model.safetensors").read_bytes()
 
 
+def test_bitsandbytes_import_is_never_seen_half_done():
+    """A thread asking for bitsandbytes while another imports it waits for the whole module (Python
+    lists a module in sys.modules before running it): B polls until the import has begun, then asks."""
+    code = """
+import sys, threading, time, torch
+from streammerge.quant import bnb4
+seen = []
+def b():
+    while "bitsandbytes.functional" not in sys.modules:
+        time.sleep(0)
+    seen.append(hasattr(bnb4.bitsandbytes_functional(), "get_4bit_type"))
+t = threading.Thread(target=b); t.start()
+bnb4.bitsandbytes_functional(); t.join()
+assert seen == [True], seen
+assert torch.compile.__module__.startswith("torch"), torch.compile
+"""
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.cuda
 def test_cuda_bytes_equal_cpu(bf16_case, qbase, merged):
     """CPU and CUDA paths write the same bytes (dequantize -> merge -> quantize on the device)."""
@@ -475,6 +496,7 @@ def test_cuda_bytes_equal_cpu(bf16_case, qbase, merged):
         (qbase("nf4-dq"), dict(method="merged_4bit", max_chunk_rows=19)),
         (qbase("nf4-dq"), dict(method="merged_16bit")),
         (qbase("fp4"), dict(method="merged_4bit", quant_type="nf4", double_quant=False)),
+        (bf16_case.base_path, dict(method="merged_4bit", quant_type="fp4", max_chunk_rows=19)),  # fp4's two zero codes
         (qbase("int8"), dict(method="merged_4bit")),
         (bf16_case.base_path, dict(method="merged_4bit", base_roundtrip="nf4", max_chunk_rows=110)),
         (bf16_case.base_path, dict(method="merged_16bit", base_roundtrip="fp4")),
@@ -629,8 +651,8 @@ def test_merged_4bit_resumes_byte_identical(kind, bf16_case, qbase, merged, tmp_
         cancel = threading.Event()
         calls = [0]
 
-        def tensor_done(self, shard, tensor, crc, calls=calls, cancel=cancel, stop_after=stop_after):
-            original(self, shard, tensor, crc)
+        def tensor_done(self, shard, tensor, digest, calls=calls, cancel=cancel, stop_after=stop_after):
+            original(self, shard, tensor, digest)
             calls[0] += 1
             if calls[0] == stop_after:
                 cancel.set()

@@ -26,6 +26,7 @@ require it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -164,6 +165,7 @@ def quant_state_json(fmt: Bnb4Format) -> bytes:
 
 
 _IMPORT_LOCK = threading.Lock()
+_functional: list[ModuleType] = []  # bitsandbytes.functional once fully imported
 
 
 def bitsandbytes_functional() -> ModuleType:
@@ -171,20 +173,25 @@ def bitsandbytes_functional() -> ModuleType:
 
     At import, bitsandbytes wraps a few fallback kernels in ``torch.compile``, which loads most of
     torch._inductor: ~0.8 s of every run that touches a 4-bit tensor (measured on 2 cores; ~590
-    modules). None of those kernels runs where streammerge calls bitsandbytes (its CPU and CUDA
-    backends register native kernels for these ops), and bitsandbytes itself runs the plain
-    functions wherever compiling fails; so the import runs with ``torch.compile`` as the identity,
-    restored right after.
+    modules). streammerge calls ops that bitsandbytes' CPU and CUDA backends implement natively, and
+    bitsandbytes itself runs the plain functions wherever compiling fails; so, when streammerge is
+    the first to import it, the import runs with ``torch.compile`` as the identity, restored right
+    after (the fallback kernels then stay uncompiled in this process). Callers wait for a complete
+    module: another thread never sees a half-imported one.
     """
-    if "bitsandbytes.functional" not in sys.modules:
+    if not _functional:
         with _IMPORT_LOCK:
-            compile_ = torch.compile
-            torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)  # type: ignore[assignment]
-            try:
-                importlib.import_module("bitsandbytes.functional")
-            finally:
-                torch.compile = compile_
-    return sys.modules["bitsandbytes.functional"]
+            if not _functional:
+                if "bitsandbytes" in sys.modules:  # imported by someone else (the import system waits for it)
+                    _functional.append(importlib.import_module("bitsandbytes.functional"))
+                else:
+                    compile_ = torch.compile
+                    torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)  # type: ignore[assignment]
+                    try:
+                        _functional.append(importlib.import_module("bitsandbytes.functional"))
+                    finally:
+                        torch.compile = compile_
+    return _functional[0]
 
 
 def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -585,10 +592,24 @@ def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def _quantize_bounds(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' decision bounds: midpoints of the sorted codebook, and the sort order (FP4 remap)."""
-    code = codebook(quant_type, device=device)
-    order = torch.argsort(code)
-    return (code[order[:-1]] + code[order[1:]]) / 2, order
+    """bitsandbytes' decision bounds: midpoints of the sorted codebook, and the sort order (FP4 remap).
+
+    Sorted on the CPU, stably, whatever `device`: FP4's codebook holds +0.0 twice (codes 0 and 8),
+    and an unstable sort on a GPU may order them the other way, which changes the bytes (not the
+    values) of every value that rounds to zero; bitsandbytes' CPU op orders them 0 then 8."""
+    code = codebook(quant_type, device="cpu")
+    order = torch.argsort(code, stable=True)
+    return ((code[order[:-1]] + code[order[1:]]) / 2).to(device), order.to(device)
+
+
+@functools.cache
+def _code_steps(quant_type: str) -> tuple[tuple[tuple[float, int], ...], int]:
+    """bitsandbytes' code of x is order[count of bounds below x]; as a telescoping sum over the bounds
+    that is order[15] - sum((x <= bound_i) * (order[i+1] - order[i])), in wrapping uint8 arithmetic.
+    Returns ((bound_i, (order[i] - order[i+1]) mod 256), ...) and order[15]: constants per type."""
+    bounds, order = _quantize_bounds(quant_type, torch.device("cpu"))
+    steps = tuple((level, (int(order[i]) - int(order[i + 1])) % 256) for i, level in enumerate(bounds.tolist()))
+    return steps, int(order[-1])
 
 
 def _quantize_4bit_torch(
@@ -606,19 +627,18 @@ def _quantize_4bit_torch(
     multiply, a clamp to [-1, 1]. ``out``: where to write the packed bytes; ``tile``: values per tile
     (default :func:`_tile_size`'s).
     """
-    bounds, order = _quantize_bounds(quant_type, flat.device)
-    # bitsandbytes' code is order[count of bounds below x]; as a telescoping sum over the bounds that
-    # is order[15] - sum((x <= bound_i) * (order[i+1] - order[i])), in wrapping uint8 arithmetic
-    steps = [(level, (int(order[i]) - int(order[i + 1])) % 256) for i, level in enumerate(bounds.tolist())]
-    top = int(order[-1])
+    steps, top = _code_steps(quant_type)
     a = flat.reshape(-1).float()
     n = a.numel()
     rem = n % blocksize
     full = n - rem
     dev = a.device
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev) if out is None else out.reshape(-1)
-    if packed.numel() != (n + 1) // 2 or packed.dtype != torch.uint8:
-        raise ValueError(f"out must be uint8 [{(n + 1) // 2}], got {_dtype_name(packed.dtype)} [{packed.numel()}]")
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev) if out is None else out
+    if (packed.numel() != (n + 1) // 2 or packed.dtype != torch.uint8 or not packed.is_contiguous()
+            or packed.device != dev):
+        raise ValueError(f"out must be a contiguous uint8 [{(n + 1) // 2}] tensor on {dev}, got "
+                         f"{_dtype_name(packed.dtype)} {list(packed.shape)} on {packed.device}")
+    packed = packed.view(-1)
     absmax = torch.empty(full // blocksize + (1 if rem else 0), dtype=torch.float32, device=dev)
     tile = _tile_size(n, blocksize, dev) if tile is None else max(blocksize, -(-tile // blocksize) * blocksize)
     span = min(n, tile) + 1
