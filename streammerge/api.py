@@ -22,6 +22,7 @@ from .io.output import (
     RECORD_FILE, atomic_write_json, check_output_path, clear_folder, copy_other_files, merged_config, write_index,
 )
 from .io.safetensors import DISK_FULL_ERRNOS, fsync_dir
+from .network import guarded
 from .options import AdapterSpec, MergeOptions
 from .planner import MergePlan, build_adapter_plan, build_plan
 
@@ -135,6 +136,7 @@ def no_op_warning(plan: MergePlan) -> str | None:
     )
 
 
+@guarded()
 def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **options: Any) -> Any:
     """Plan a merge from headers alone: nothing is read beyond headers, nothing is written.
     With method="gguf" the result is the GGUFPlan (its `.merge_plan` is the tensor-level plan)."""
@@ -171,6 +173,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@guarded()
 def merge(
     base: str | Path,
     adapters: AdapterArg | Sequence[AdapterArg],
@@ -416,6 +419,7 @@ def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:
     return copied
 
 
+@guarded()
 def verify(
     out: str | Path,
     base: str | Path,

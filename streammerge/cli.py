@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from . import __version__
+from .console import dependency_output, say_warning, terminal
 from .errors import OptionError, StreamMergeError
+from .network import guarded
 from .options import DTYPES, METHODS, MergeOptions, format_size
 
 EPILOG = """examples:
@@ -122,12 +123,9 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 
 
 def _quiet_libraries() -> None:
-    import logging
-
+    """Fewer records to route (console.py routes whatever remains): libraries' own verbosity knobs."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -144,7 +142,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     for note in plan.notes:
         if note.startswith("WARNING"):
-            print(f"warning: {note.removeprefix('WARNING: ')}", file=sys.stderr)
+            say_warning(note)
     if args.json:
         print(plan.to_json())
         return 0
@@ -205,7 +203,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from .api import merge
 
-    quiet = args.quiet or not sys.stderr.isatty()
+    quiet = args.quiet or not terminal().isatty()
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # downloads of a Hub base stay silent too
     if (args.private or args.revision) and not args.push_to_hub:
@@ -213,8 +211,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .errors import Interrupted
 
     report = None if args.quiet else (lambda line: print(line, flush=True))
-    with warnings.catch_warnings(), _StopOnSignal() as stop:
-        _show_our_warnings()
+    with _StopOnSignal() as stop:
         try:
             result = merge(
                 args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet, report=report,
@@ -256,23 +253,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_our_warnings() -> None:
-    """Our warnings (e.g. an adapter that changes nothing) as one `warning: ...` line on stderr,
-    whatever the warning filters say (call inside `warnings.catch_warnings()`)."""
-    from .errors import StreamMergeWarning
-
-    warnings.simplefilter("always", StreamMergeWarning)
-    default = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, StreamMergeWarning):
-            print(f"warning: {str(message).removeprefix('WARNING: ')}", file=sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     options = _options(args)
     from .errors import InputError, OptionError
@@ -286,7 +266,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify(
         args.out, args.base, args.adapters, probes=args.probes, seed=args.seed,
-        quiet=args.quiet or args.json or not sys.stderr.isatty(),
+        quiet=args.quiet or args.json or not terminal().isatty(),
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
         gguf_type=options.gguf_type,
@@ -309,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"plan": _cmd_plan, "merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
+    debug = getattr(args, "debug", False)
     try:
-        return handler(args)
+        # what dependencies log, warn or draw goes to the debug stream (console.py), and they
+        # open no network connection of their own (network.py)
+        with dependency_output(debug=debug), guarded():
+            return handler(args)
     except BaseException as exc:  # the boundary: one `error:` line, never a traceback (unless --debug)
-        if getattr(args, "debug", False) or isinstance(exc, SystemExit):
+        if debug or isinstance(exc, SystemExit):
             raise
         message, code = _error_line(exc)
         print(f"error: {message}", file=sys.stderr)

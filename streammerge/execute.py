@@ -12,7 +12,6 @@ import ctypes
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Seque
 
 import torch
 
+from .console import terminal
 from . import ops
 from .errors import DiskFullError, ExecutionError, Interrupted, OutputError, PlanError
 from .io.safetensors import DISK_FULL_ERRNOS, ITEMSIZE, TORCH_NAME, ShardWriter, TensorSpec, build_header, pread_exact, release_cache
@@ -797,7 +797,7 @@ class Executor:
 
             kept = sum(s.size for s in self.plan.shards if s.filename in self.finished)
             bar = tqdm(total=self.plan.file_bytes, initial=kept, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
-                       file=sys.stderr, dynamic_ncols=True)
+                       file=terminal(), dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         hash_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)
         writer = threading.Thread(target=self._stage, args=(self._writer, write_q, hash_q, bar), name="streammerge-write", daemon=True)

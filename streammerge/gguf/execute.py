@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..console import terminal
 from .. import ops
 from ..errors import ExecutionError, OutputError
 from ..io.safetensors import TORCH_NAME, ShardWriter, pread_exact, release_cache
@@ -230,7 +230,7 @@ class GGUFExecutor:
             from tqdm import tqdm
 
             bar = tqdm(total=self.plan.file_bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                       desc="writing gguf", file=sys.stderr, dynamic_ncols=True)
+                       desc="writing gguf", file=terminal(), dynamic_ncols=True)
         read_q: queue.Queue = queue.Queue(maxsize=1)
         reader = threading.Thread(target=self._reader, args=(read_q,), name="streammerge-gguf-read", daemon=True)
         if self.inputs is not None:

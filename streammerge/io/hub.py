@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import AdapterError, ExecutionError, InputError, OutputError, StreamMergeError
+from ..network import ours, watch_client
 from .checkpoint import (
     INDEX_FILE,
     NOT_COPIED,
@@ -153,9 +154,13 @@ def hub_errors(what: str, error: type[StreamMergeError] = InputError) -> Iterato
         RevisionNotFoundError,
     )
 
+    from huggingface_hub.utils import get_session
+
     endpoint = _constants().ENDPOINT
+    watch_client(get_session())  # its pooled connections stay ours: others are refused per request
     try:
-        yield
+        with ours():  # streammerge's own request: the network guard lets it (and its helper threads) through
+            yield
     except StreamMergeError:
         raise
     except GatedRepoError:
