@@ -1,9 +1,9 @@
 """A PEFT LoRA adapter folder -> the edits it makes to base tensors, resolved with PEFT's own rules.
 
 The config is read as PEFT's `LoraConfig` reads it (lora_config.py: directly for the fields whose
-semantics it reproduces, by PEFT itself for anything else), targets are matched with PEFT's
-`check_target_module_exists` and rank/alpha patterns with PEFT's `get_pattern_key` (ported, and
-held to PEFT's by tests), so our reading of an adapter cannot drift from PEFT's. Every tensor of the adapter file is classified
+semantics it reproduces, by PEFT itself for anything else), and targets and rank/alpha patterns
+are resolved by PEFT's rules as targets.py states them (held to the installed PEFT by tests), so our
+reading of an adapter cannot drift from PEFT's. Every tensor of the adapter file is classified
 (LoRA factor, embedding factor, DoRA magnitude, lora_bias, trainable-token rows, saved full
 tensor) and mapped to the base tensor it changes; a tensor we do not understand is an error.
 Only headers are read here.
@@ -12,6 +12,7 @@ Only headers are read here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -25,7 +26,8 @@ from .errors import AdapterError, UnsupportedError
 from .io.checkpoint import read_json, safe_member
 from .io.legacy import read_legacy_bin  # noqa: F401  (the one reader of adapter_model.bin)
 from .io.safetensors import FLOAT_DTYPES, TORCH_NAME, SafetensorsFile, TensorInfo, pread_exact, read_header
-from .lora_config import check_target_module_exists, fast_settings, get_pattern_key
+from .lora_config import fast_settings
+from .targets import PatternTable, TargetRules, Targeting
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -105,6 +107,16 @@ class Adapter:
     @property
     def label(self) -> str:
         return str(self.path) if self.weight == 1.0 else f"{self.path}@{self.weight:g}"
+
+    @functools.cached_property
+    def targets(self) -> TargetRules:
+        """The config's target_modules / exclude_modules / layer rules, prepared once."""
+        return TargetRules.from_config(self.config)
+
+    @functools.cached_property
+    def pattern_tables(self) -> tuple[PatternTable, PatternTable]:
+        """rank_pattern and alpha_pattern, prepared once."""
+        return PatternTable.of(self.config.rank_pattern), PatternTable.of(self.config.alpha_pattern)
 
     @property
     def original_weights_file(self) -> Path:
@@ -324,14 +336,14 @@ def tensor_name(module: str, param: str, shapes: Mapping[str, tuple[int, ...]]) 
     return None
 
 
-def _targeted(config: Any, module: str) -> bool:
-    return bool(check_target_module_exists(config, module))
+def _targeted(adapter: Adapter, module: str) -> bool:
+    return adapter.targets.decide(module) is Targeting.TARGETED
 
 
-def _rank_alpha(config: Any, key: str) -> tuple[int, float]:
-    r_key = get_pattern_key(list(config.rank_pattern or {}), key)
-    alpha_key = get_pattern_key(list(config.alpha_pattern or {}), key)
-    return (config.rank_pattern or {}).get(r_key, config.r), float((config.alpha_pattern or {}).get(alpha_key, config.lora_alpha))
+def _rank_alpha(adapter: Adapter, key: str) -> tuple[int, float]:
+    config = adapter.config
+    ranks, alphas = adapter.pattern_tables
+    return ranks.value_for(config.rank_pattern, key, config.r), float(alphas.value_for(config.alpha_pattern, key, config.lora_alpha))
 
 
 def _scale(config: Any, rank: int, alpha: float) -> float:
@@ -396,13 +408,13 @@ def _resolve_module(adapter, module, found: _Module, shapes, tied, model_info) -
             f"(expected {module}.weight); is this adapter for another model?"
         )
     tied_names = set(tied) | set(tied.values())
-    if not _targeted(config, module) and not (getattr(config, "ensure_weight_tying", False) and target in tied_names):
+    if not _targeted(adapter, module) and not (getattr(config, "ensure_weight_tying", False) and target in tied_names):
         raise AdapterError(
             f"{adapter.path}: the adapter has tensors for {module!r} but adapter_config.json does not target it "
             "(PEFT would silently ignore them); fix target_modules or the adapter file"
         )
     (a_key, a), (b_key, b) = parts[a_tag], parts[b_tag]
-    rank, alpha = _rank_alpha(config, module)
+    rank, alpha = _rank_alpha(adapter, module)
     w = tuple(shapes[target])
     if len(a.shape) != 2 or len(b.shape) != 2 or len(w) != 2:
         raise UnsupportedError(
@@ -504,7 +516,7 @@ def _resolve_param(adapter, module, parts, slot, shapes) -> list[Edit]:
         experts, in_f, out_f = 1, shape[1], shape[0]
     else:
         raise UnsupportedError(f"{where}: parameters with {len(shape)} dimensions are not supported")
-    rank, alpha = _rank_alpha(config, slot.name)
+    rank, alpha = _rank_alpha(adapter, slot.name)
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape != (rank * experts, in_f) or b.shape != (out_f, rank * experts):
         raise AdapterError(
             f"{where}: LoRA factors {list(a.shape)}/{list(b.shape)} do not fit a parameter of shape {list(shape)} "
@@ -610,14 +622,13 @@ def _in_modules_to_save(config: Any, module: str) -> bool:
 
 def _check_targets_matched(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], used: set[str]) -> None:
     """A config whose targets match base modules that have no tensors means a truncated adapter file."""
-    config = adapter.config
     targeted = set()
     for name, shape in shapes.items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")]
         for candidate in (module, f"model.{module}"):
-            if _targeted(config, candidate):
+            if _targeted(adapter, candidate):
                 targeted.add(module)
     untouched = sorted(m for m in targeted if m not in used and f"model.{m}" not in used and not any(u.endswith("." + m) for u in used))
     if untouched:

@@ -9,8 +9,9 @@ most of a small merge's time and a third of its runtime memory. PEFT stays the a
   PEFT would handle differently, a combination PEFT's `LoraConfig.__post_init__` rejects) goes to
   PEFT's own `LoraConfig` (`read_lora_config` falls back), so exotic options and refusals behave
   exactly as PEFT decides.
-* Module matching is PEFT's `check_target_module_exists` and `get_pattern_key`, ported verbatim
-  (Apache-2.0, peft 0.21): they only read config attributes.
+* Which modules the config targets, and which rank_pattern / alpha_pattern entry each takes, is
+  decided by targets.py, our statement of PEFT's rules; it reads only config attributes, so it
+  serves `LoraSettings` and PEFT's `LoraConfig` alike.
 
 tests/test_lora_config.py holds all of this to the installed PEFT: the field table against
 `LoraConfig`'s fields and defaults, and parsed values and module matches on generated configs.
@@ -18,7 +19,6 @@ tests/test_lora_config.py holds all of this to the installed PEFT: the field tab
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,65 +118,3 @@ def fast_settings(raw: dict[str, Any]) -> LoraSettings | None:
     if isinstance(settings.exclude_modules, list):
         settings.exclude_modules = set(settings.exclude_modules)
     return settings
-
-
-class ExcludedModule:
-    """What `check_target_module_exists` returns for a module excluded by the config (PEFT's `_ExcludedModule`)."""
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def check_target_module_exists(config: Any, key: str) -> bool | re.Match[str] | None | ExcludedModule:
-    """PEFT's rule for whether module `key` gets a LoRA layer (peft/tuners/tuners_utils.py)."""
-    if hasattr(config, "exclude_modules") and config.exclude_modules:
-        if isinstance(config.exclude_modules, str):
-            if re.fullmatch(config.exclude_modules, key):
-                return ExcludedModule()
-        elif key in config.exclude_modules or any(key.endswith(f".{k}") for k in config.exclude_modules):
-            return ExcludedModule()
-    modules_to_save = getattr(config, "modules_to_save", None)
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
-        return ExcludedModule()
-    if config.target_modules is None and config.target_parameters is not None:
-        return False
-    if isinstance(config.target_modules, str):
-        return _match_target_against_key(config.target_modules, key)
-    if key in config.target_modules:
-        return True
-    found = any(key.endswith(f".{target}") for target in config.target_modules)
-    layer_indexes = getattr(config, "layers_to_transform", None)
-    layers_pattern = getattr(config, "layers_pattern", None)
-    using_indexes = layer_indexes is not None and (len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True)
-    if using_indexes and found:
-        layer_index = None
-        match = None
-        if layers_pattern is None or len(layers_pattern) == 0:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # the first numbered segment
-        else:
-            for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                if match is not None:
-                    break
-        if match:
-            layer_index = match.groupdict().get("idx")
-        if layer_index is None:
-            found = False
-        elif isinstance(layer_indexes, int):
-            found = int(layer_index) == layer_indexes
-        else:
-            found = int(layer_index) in layer_indexes
-    return found
-
-
-def _match_target_against_key(target_pattern: str, key: str) -> bool | re.Match[str] | None:
-    """PEFT's regex rule for a string `target_modules` (full match)."""
-    return re.fullmatch(target_pattern, key)
-
-
-def get_pattern_key(pattern_keys: list[str], key_to_match: str) -> str:
-    """PEFT's choice of the rank_pattern / alpha_pattern key for a module (peft/utils/other.py)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match

@@ -22,6 +22,7 @@ from peft.utils.peft_types import TaskType
 
 from conftest import REPO_ROOT
 from streammerge import lora_config as lc
+from streammerge.targets import PatternTable, TargetRules, Targeting
 
 MODULES = [
     "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.12.mlp.down_proj",
@@ -108,23 +109,26 @@ def test_fast_reading_agrees_with_peft(raw):
         want = getattr(theirs, f.name)
         want = want.value if hasattr(want, "value") else want  # PeftType / TaskType enums
         assert getattr(ours, f.name) == want, (f.name, raw)
+    rules = TargetRules.from_config(ours)
+    tables = {pattern: PatternTable.of(getattr(ours, pattern)) for pattern in ("rank_pattern", "alpha_pattern")}
     for module in MODULES:
         try:
             expected = peft_check(theirs, module)
         except Exception as exc:  # e.g. a regex PEFT cannot compile: ours must fail the same way
             with pytest.raises(type(exc)):
-                lc.check_target_module_exists(ours, module)
+                rules.decide(module)
             continue
-        got = lc.check_target_module_exists(ours, module)
+        got = rules.decide(module)
         assert bool(got) == bool(expected), (module, raw)
-        assert isinstance(got, lc.ExcludedModule) == (type(expected).__name__ == "_ExcludedModule"), (module, raw)
+        assert (got is Targeting.TARGETED) == bool(expected), (module, raw)
+        assert (got is Targeting.EXCLUDED) == (type(expected).__name__ == "_ExcludedModule"), (module, raw)
         for pattern in ("rank_pattern", "alpha_pattern"):
             keys = list(getattr(ours, pattern) or {})
-            assert lc.get_pattern_key(keys, module) == peft_pattern_key(keys, module)
+            assert tables[pattern].key_for(module) == peft_pattern_key(keys, module)
 
 
 def test_matching_port_is_peft_on_peft_configs():
-    """The ported matcher applied to PEFT's own LoraConfig objects (the slow path) answers like PEFT."""
+    """Our target rules built from PEFT's own LoraConfig objects (the slow path) answer like PEFT."""
     cases = [
         dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
         dict(target_modules=["up_proj"], layers_to_transform=0),
@@ -134,8 +138,11 @@ def test_matching_port_is_peft_on_peft_configs():
     ]
     for kw in cases:
         config = _peft({"peft_type": "LORA", **kw})
+        rules = TargetRules.from_config(config)
         for module in MODULES:
-            assert bool(lc.check_target_module_exists(config, module)) == bool(peft_check(config, module)), (kw, module)
+            got, expected = rules.decide(module), peft_check(config, module)
+            assert bool(got) == bool(expected), (kw, module)
+            assert (got is Targeting.EXCLUDED) == (type(expected).__name__ == "_ExcludedModule"), (kw, module)
 
 
 def test_plain_merge_does_not_import_peft(llama_case, tmp_path):

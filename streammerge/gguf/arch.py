@@ -182,33 +182,32 @@ def metadata(arch: Arch, h: Mapping[str, Any], file_type: int, gguf) -> dict[str
 
 
 def rope_freqs(arch: Arch, h: Mapping[str, Any]) -> list[float] | None:
-    """Llama 3.x frequency factors (LlamaModel.generate_extra_tensors), or None when not needed."""
+    """The `rope_freqs` tensor llama.cpp expects for Llama 3.x RoPE scaling, or None when not needed.
+
+    Llama 3.1 scaling keeps the frequencies of wavelengths shorter than `context / high_freq_factor`,
+    divides those of wavelengths longer than `context / low_freq_factor` by `factor`, and in between
+    blends linearly from one to the other; the tensor holds each original frequency over its scaled
+    one. Defaults are llama.cpp's, for configs that leave a field out."""
     if arch.gguf_arch != "llama":
         return None
-    full = rope_parameters(h)
-    full = full.get("full_attention", full)
-    if str(full.get("rope_type", "")).lower() != "llama3":
+    params = rope_parameters(h)
+    params = params.get("full_attention", params)
+    if str(params.get("rope_type", "")).lower() != "llama3":
         return None
     import torch
 
-    base = full.get("rope_theta", 10000.0)
     dim = head_dim(h)
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor = full.get("factor", 8.0)
-    low, high = full.get("low_freq_factor", 1.0), full.get("high_freq_factor", 4.0)
-    old_context = full.get("original_max_position_embeddings", h.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_context / low, old_context / high
-    factors: list[float] = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_wavelen:
-            factors.append(float(factor))
-        else:
-            smooth = (old_context / wavelen - low) / (high - low)
-            factors.append(float(1 / ((1 - smooth) / factor + smooth)))
-    return factors
+    theta = params.get("rope_theta", 10000.0)
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    context = params.get("original_max_position_embeddings", h.get("original_max_position_embeddings", 8192))
+    wavelengths = 2 * math.pi / (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+    # where each wavelength sits between the band edges: 0 at context / low, 1 at context / high
+    position = (context / wavelengths - low) / (high - low)
+    ratio = 1 / ((1 - position) / factor + position)
+    ratio = torch.where(wavelengths > context / low, torch.full_like(ratio, float(factor)), ratio)
+    ratio = torch.where(wavelengths < context / high, torch.ones_like(ratio), ratio)
+    return ratio.tolist()
 
 
 # ----------------------------------------------------------------------------------- tensors
