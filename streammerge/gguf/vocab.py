@@ -1,13 +1,15 @@
-"""The base's tokenizer as GGUF metadata, the way convert_hf_to_gguf.py writes it, without transformers.
+"""The base's tokenizer as GGUF metadata, as llama.cpp's converter would write it, without transformers.
 
-* BPE (`tokenizer.json`, read with `tokenizers`): `tokenizer.ggml.model = gpt2`, the token list padded
-  to the config's vocab size with `[PAD{i}]`, token types (added special tokens are CONTROL, other
-  added tokens USER_DEFINED), the merges, and `tokenizer.ggml.pre`: llama.cpp names the pre-tokenizer
-  by hashing the ids the tokenizer gives for a fixed text (`get_vocab_base_pre`). A retrained or
-  custom tokenizer has an unknown hash; then the name comes from its split regex, or from the model
-  family, instead of refusing (the file records which).
-* SentencePiece (`tokenizer.model`, read with `sentencepiece`): `tokenizer.ggml.model = llama` with
-  scores and types (`_create_vocab_sentencepiece`).
+The vocabulary is built as a table, one row (text, score, token type) per embedding row, stacked from
+layers that each come from one source: padding, the tokenizer's own pieces, then added tokens.
+
+* BPE (`tokenizer.json`, read with `tokenizers`): `tokenizer.ggml.model = gpt2`, no scores; added
+  tokens are CONTROL when special (or named like control tokens), otherwise USER_DEFINED; the merges;
+  and `tokenizer.ggml.pre`, which llama.cpp identifies by hashing the ids the tokenizer gives for a
+  fixed text. A retrained or custom tokenizer has an unknown hash; then the name comes from its split
+  regex, or from the model family, instead of refusing (the file records which).
+* SentencePiece (`tokenizer.model`, read with `sentencepiece`): `tokenizer.ggml.model = llama`, with
+  the model's scores and piece types, overlaid by added_tokens.json and tokenizer_config.json.
 * Special token ids, add-BOS/EOS flags and the chat template come from `gguf.SpecialVocab`, the
   code llama.cpp itself uses.
 """
@@ -17,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InputError, UnsupportedError
 from .arch import Arch
@@ -171,14 +174,72 @@ def _is_sentencepiece_bpe(tokenizer_json: Mapping[str, Any]) -> bool:
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and decoder.get("type") == "Sequence"
 
 
+# Added tokens llama.cpp types CONTROL even when the tokenizer does not mark them special (some
+# models, e.g. deepseek-coder and gemma, leave them unmarked): these names, and these brackets.
+_CONTROL_NAMES = frozenset({"<pad>", "<mask>", "<2mass>", "[@BOS@]"})
+_CONTROL_BRACKETS = (("<|", "|>"), ("<\uff5c", "\uff5c>"), ("<unused", ">"))  # \uff5c: fullwidth vertical bar
+
+
 def looks_special(token: str) -> bool:
-    """convert_hf_to_gguf.py `does_token_look_special`: added tokens some models fail to mark special."""
-    return (
-        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-        or (token.startswith("<|") and token.endswith("|>"))
-        or (token.startswith("<｜") and token.endswith("｜>"))
-        or (token.startswith("<unused") and token.endswith(">"))
-    )
+    """Whether llama.cpp's converter treats an unmarked added token as a control token."""
+    return token in _CONTROL_NAMES or any(token.startswith(a) and token.endswith(b) for a, b in _CONTROL_BRACKETS)
+
+
+# ------------------------------------------------------------------------------------ token table
+#
+# Whatever the tokenizer, the GGUF vocabulary is one table with a row per embedding row: (text,
+# score, token type). It is assembled from layers, each a plain {id: row} mapping, later layers
+# winning: every id starts as padding, then the tokenizer's own pieces, then the added tokens its
+# files list. Keeping precedence in one place (`_stack`) is what makes the layers independent:
+# each is computed from its own file without looking at what the others put where.
+
+Row = tuple[str | bytes, float | None, int]  # text, score (None for BPE), token type
+
+ADDED_SCORE = -1000.0  # SentencePiece score of added tokens, as llama.cpp writes them
+PAD_SCORE = -10000.0  # ... and of ids the tokenizer has no piece for
+
+
+def _table_size(config: Mapping[str, Any], tokenizer_size: int) -> int:
+    """Rows in the table: the config's vocab size (the embedding has that many rows, and llama.cpp
+    requires one token per row); the tokenizer's own size when the config does not say."""
+    return int(config.get("vocab_size") or tokenizer_size)
+
+
+def _stack(size: int, pad: Callable[[int], Row], *layers: Mapping[int, Row]) -> list[Row]:
+    """Row i from the last layer that has id i, `pad(i)` when none has; ids outside the table are
+    dropped (added tokens past the embedding cannot be written)."""
+    rows = [pad(i) for i in range(size)]
+    for layer in layers:
+        for tid, row in layer.items():
+            if 0 <= tid < size:
+                rows[tid] = row
+    return rows
+
+
+def _columns(rows: list[Row]) -> tuple[list[str | bytes], list[Any], list[int]]:
+    """The table as GGUF stores it: token list, scores, token types."""
+    if not rows:
+        return [], [], []
+    texts, scores, kinds = zip(*rows)
+    return list(texts), list(scores), list(kinds)
+
+
+def _added_kind(text: str, marked_special: Any) -> tuple[str, int]:
+    """(text, type) of an added token. Marked special, or named like a control token (see
+    `looks_special`): CONTROL, text as is. Otherwise USER_DEFINED, and llama.cpp matches those on the
+    raw input, so a SentencePiece word-boundary mark in the text is written as the space it stands for."""
+    if marked_special or looks_special(text):
+        return text, CONTROL
+    return text.replace("\u2581", " "), USER_DEFINED
+
+
+def _config_added_tokens(root: Path) -> dict[int, dict[str, Any]]:
+    """tokenizer_config.json's `added_tokens_decoder` as {id: entry}, for the entries that give their text."""
+    path = root / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    listed = _read_json(path).get("added_tokens_decoder") or {}
+    return {int(tid): entry for tid, entry in listed.items() if isinstance(entry, dict) and "content" in entry}
 
 
 # ------------------------------------------------------------------------------------------ BPE
@@ -218,46 +279,55 @@ def identify_pre(arch: Arch, tokenizer, tokenizer_json: Mapping[str, Any]) -> tu
     return FAMILY_PRE.get(arch.gguf_arch, "default"), "model family"
 
 
-def _bpe_vocab(arch: Arch, root: Path, config: Mapping[str, Any], gguf) -> Vocab:
+def _load_tokenizer_json(path: Path):
+    """(the parsed tokenizer.json, the `tokenizers` Tokenizer built from it)."""
     from tokenizers import Tokenizer
 
-    path = root / "tokenizer.json"
     tokenizer_json = _read_json(path)
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return tokenizer_json, Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own exception type
         raise InputError(f"{path}: the tokenizers library cannot load it ({exc})") from None
+
+
+def _bpe_added_flags(root: Path, tokenizer_json: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The added tokens' flags (`special`, `normalized`) by text. tokenizer.json's own list comes
+    first; tokenizer_config.json (written by older transformers) fills in tokens it does not list."""
+    flags = {t["content"]: t for t in tokenizer_json.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
+    for entry in _config_added_tokens(root).values():
+        flags.setdefault(entry["content"], entry)
+    return flags
+
+
+def _bpe_rows(tokenizer, vocab: Mapping[str, int], flags: Mapping[str, Mapping[str, Any]]) -> dict[int, Row]:
+    """A row for every id in `vocab`. Plain vocabulary is NORMAL; an added token is typed by
+    `_added_kind`, a non-normalized one first put through encode/decode, since llama.cpp's tokenizer
+    normalizes added tokens too and must find the text it will see."""
+
+    def row(text: str) -> Row:
+        entry = flags.get(text)
+        if entry is None:
+            return text, None, NORMAL
+        if not entry.get("normalized", True):
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        text, kind = _added_kind(text, entry.get("special"))
+        return text, None, kind
+
+    return {tid: row(text) for text, tid in vocab.items()}
+
+
+def _bpe_vocab(arch: Arch, root: Path, config: Mapping[str, Any], gguf) -> Vocab:
+    """`gpt2` vocabulary: the tokenizer's ids typed from its added-token flags, ids it lacks `[PAD{i}]`
+    and UNUSED, no scores; the merges come from gguf.SpecialVocab."""
+    path = root / "tokenizer.json"
+    tokenizer_json, tokenizer = _load_tokenizer_json(path)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    vocab_size = int(config.get("vocab_size") or len(vocab))
-    if vocab and max(vocab.values()) >= vocab_size:
-        raise InputError(f"{path} has token id {max(vocab.values())} but config.json says vocab_size {vocab_size}")
-    added = {t["content"]: t for t in tokenizer_json.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
-    tc_path = root / "tokenizer_config.json"
-    if tc_path.is_file():
-        for tid, entry in (_read_json(tc_path).get("added_tokens_decoder") or {}).items():
-            if isinstance(entry, dict) and "content" in entry:
-                added.setdefault(entry["content"], {**entry, "id": int(tid)})
-    reverse = {i: t for t, i in vocab.items()}
-    tokens: list[str | bytes] = []
-    toktypes: list[int] = []
-    for i in range(vocab_size):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            toktypes.append(UNUSED)
-            continue
-        if token in added:
-            entry = added[token]
-            if not entry.get("normalized", True):  # llama.cpp expects added tokens pre-normalized
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-            if entry.get("special") or looks_special(token):
-                toktypes.append(CONTROL)
-            else:
-                token = token.replace("\u2581", " ")
-                toktypes.append(USER_DEFINED)
-        else:
-            toktypes.append(NORMAL)
-        tokens.append(token)
+    size = _table_size(config, len(vocab))
+    if vocab and max(vocab.values()) >= size:
+        raise InputError(f"{path} has token id {max(vocab.values())} but config.json says vocab_size {size}")
+    known = _bpe_rows(tokenizer, vocab, _bpe_added_flags(root, tokenizer_json))
+    tokens, _, toktypes = _columns(_stack(size, lambda i: (f"[PAD{i}]", None, UNUSED), known))
     pre, source = identify_pre(arch, tokenizer, tokenizer_json)
     special = gguf.SpecialVocab(root, load_merges=True)
     if not special.merges:
@@ -268,8 +338,13 @@ def _bpe_vocab(arch: Arch, root: Path, config: Mapping[str, Any], gguf) -> Vocab
 
 # ---------------------------------------------------------------------------------- SentencePiece
 
+# SentencePiece's piece-type tests, most specific first: the first that holds gives the GGUF type.
+# Nothing maps USER_DEFINED pieces: llama.cpp's converter writes them NORMAL, and so do we.
+_PIECE_TESTS = (("IsUnknown", UNKNOWN), ("IsControl", CONTROL), ("IsUnused", UNUSED), ("IsByte", BYTE))
 
-def _sentencepiece_vocab(root: Path, config: Mapping[str, Any], gguf) -> Vocab:
+
+def _load_sentencepiece(path: Path):
+    """The SentencePieceProcessor for `path`; the package is an optional extra, so its absence is explained."""
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -277,45 +352,51 @@ def _sentencepiece_vocab(root: Path, config: Mapping[str, Any], gguf) -> Vocab:
             "this base has a SentencePiece tokenizer.model, which needs the 'sentencepiece' package: "
             "pip install 'streammerge[gguf]'"
         ) from None
-    path = root / "tokenizer.model"
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
     except Exception as exc:  # sentencepiece raises OSError/RuntimeError depending on the failure
         raise InputError(f"{path}: sentencepiece cannot load it ({exc})") from None
-    vocab_size = int(config.get("vocab_size") or sp.vocab_size())
-    tokens: list[str | bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    toktypes = [UNUSED] * vocab_size
-    for tid in range(min(sp.vocab_size(), vocab_size)):
-        kind = NORMAL
-        if sp.IsUnknown(tid):
-            kind = UNKNOWN
-        elif sp.IsControl(tid):
-            kind = CONTROL
-        elif sp.IsUnused(tid):
-            kind = UNUSED
-        elif sp.IsByte(tid):
-            kind = BYTE
-        tokens[tid], scores[tid], toktypes[tid] = sp.IdToPiece(tid).encode("utf-8"), sp.GetScore(tid), kind
-    added_file = root / "added_tokens.json"
-    if added_file.is_file():
-        for text, tid in _read_json(added_file).items():
-            if 0 <= int(tid) < vocab_size:
-                tokens[tid], scores[tid], toktypes[tid] = text.encode("utf-8"), -1000.0, USER_DEFINED
-    tc_path = root / "tokenizer_config.json"
-    if tc_path.is_file():
-        for tid, entry in (_read_json(tc_path).get("added_tokens_decoder") or {}).items():
-            tid = int(tid)
-            if not isinstance(entry, dict) or "content" not in entry or tid >= vocab_size:
-                continue
-            text: str = entry["content"]
-            if entry.get("special") or looks_special(text):
-                toktypes[tid] = CONTROL
-            else:
-                text = text.replace("\u2581", " ")
-                toktypes[tid] = USER_DEFINED
-            scores[tid] = -1000.0
-            tokens[tid] = text.encode("utf-8")
+    return sp
+
+
+def _piece_rows(sp, size: int) -> dict[int, Row]:
+    """The model's own pieces that fit the table, read with sentencepiece's batched calls (one per
+    property over all ids): UTF-8 text, the model's score, and the type `_PIECE_TESTS` gives."""
+    ids = list(range(min(sp.vocab_size(), size)))
+    verdicts = zip(*(getattr(sp, test)(ids) for test, _ in _PIECE_TESTS))  # per id: one flag per test
+    kinds = [next((kind for (_, kind), hit in zip(_PIECE_TESTS, hits) if hit), NORMAL) for hits in verdicts]
+    return {
+        tid: (piece.encode("utf-8"), score, kind)
+        for tid, piece, score, kind in zip(ids, sp.IdToPiece(ids), sp.GetScore(ids), kinds)
+    }
+
+
+def _added_json_rows(root: Path) -> dict[int, Row]:
+    """added_tokens.json ({text: id}, from older transformers): USER_DEFINED tokens, text as written."""
+    path = root / "added_tokens.json"
+    if not path.is_file():
+        return {}
+    return {int(tid): (text.encode("utf-8"), ADDED_SCORE, USER_DEFINED) for text, tid in _read_json(path).items()}
+
+
+def _added_config_rows(root: Path) -> dict[int, Row]:
+    """tokenizer_config.json's added tokens, typed by `_added_kind`: they override both the model's
+    piece and added_tokens.json at their id (Gemma's chat tokens, user-defined pieces in the model,
+    are marked special only there)."""
+    rows = {}
+    for tid, entry in _config_added_tokens(root).items():
+        text, kind = _added_kind(entry["content"], entry.get("special"))
+        rows[tid] = (text.encode("utf-8"), ADDED_SCORE, kind)
+    return rows
+
+
+def _sentencepiece_vocab(root: Path, config: Mapping[str, Any], gguf) -> Vocab:
+    """`llama` vocabulary: the model's pieces with scores and types, overlaid by the added tokens of
+    added_tokens.json then tokenizer_config.json; ids past the model are `[PAD{i}]` (bytes), UNUSED."""
+    sp = _load_sentencepiece(root / "tokenizer.model")
+    size = _table_size(config, sp.vocab_size())
+    layers = _piece_rows(sp, size), _added_json_rows(root), _added_config_rows(root)  # later ones win
+    tokens, scores, toktypes = _columns(_stack(size, lambda i: (f"[PAD{i}]".encode(), PAD_SCORE, UNUSED), *layers))
     special = gguf.SpecialVocab(root, n_vocab=len(tokens))
     return Vocab("llama", "default", "sentencepiece", tokens, toktypes, scores, special, n_real=len(tokens))
