@@ -429,10 +429,14 @@ def verify(
     seed: int = 0,
     check_record: bool = True,
     quiet: bool = True,
+    fast: bool = False,
     **options: Any,
 ):
     """Check that `out` holds what merging `adapters` into `base` with `options` makes (see
     `streammerge.verify`); returns a `VerifyReport` (`.ok`, `.faults`, `.table_lines()`, `.to_dict()`).
+    Every merged element is compared with its recomputed value within the rounding any correct tool
+    makes; `fast=True` checks plain LoRA merges with `probes` random projections per tensor instead
+    (`report.mode` says which ran; GGUF outputs are always checked element by element).
     Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
     from .execute import resolve_device
     from .verifier import Verifier, unverifiable
@@ -452,6 +456,8 @@ def verify(
 
     if opts.method == "gguf":  # GGUF files: checked against the GGUF plan (streammerge/gguf/verify.py)
         report = verify_gguf(base, adapters, out, opts, check_record=check_record, progress=not quiet)
+        if fast:
+            report.notes.append("--fast has no probe test for GGUF outputs: every element was checked")
         report.peak_rss_bytes = peak_rss_bytes()
         return report
     refuse_gguf_folder(out, opts)
@@ -464,7 +470,7 @@ def verify(
         raise UnsupportedError(f"verify cannot check these yet: {what}; nothing was checked")
     device = resolve_device(opts.device)
     verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
-                        check_record=check_record, progress=not quiet)
+                        check_record=check_record, progress=not quiet, fast=fast)
     report = verifier.run()
     report.peak_rss_bytes = peak_rss_bytes()
     return report

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="LoRA adapter folder (repeat for several; @WEIGHT as in merge)")
     _add_common_options(p_verify)
     p_verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_verify.add_argument("--fast", action="store_true",
+                          help="check plain LoRA merges by random probes (a bound per row) instead of element by element")
     p_verify.add_argument("--probes", type=int, default=4, help="random probe vectors per merged tensor (default: 4)")
     p_verify.add_argument("--seed", type=int, default=0, help="seed of the probe vectors (default: 0)")
     p_verify.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -265,7 +267,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .api import verify
 
     report = verify(
-        args.out, args.base, args.adapters, probes=args.probes, seed=args.seed,
+        args.out, args.base, args.adapters, probes=args.probes, seed=args.seed, fast=args.fast,
         quiet=args.quiet or args.json or not terminal().isatty(),
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,

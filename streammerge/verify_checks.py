@@ -1,37 +1,31 @@
-"""Verify checks beyond the probe test: element-wise recomputation and 4-bit outputs.
+"""Element-wise verify checks: bytes of copied and cast tensors, recomputation of merged rows.
 
-The probe test (`verifier.LinearLoraCheck`) covers `W' = W + Σ f·B·A`. Everything else a plan can
-ask for is checked here by recomputing the expected rows in float32 with the merge's pure math
-(`terms.TensorMath` / `ops`, which are chunk-invariant), streaming row tiles, and comparing element by
-element with a bound that any correct tool's output meets:
+Every merged tensor is checked here by recomputing the expected rows in float32 (plain linear LoRA:
+`verify_linear.LinearElementCheck`, with a GEMM; everything else with the merge's pure math,
+`terms.TensorMath` / `ops`, which are chunk-invariant), streaming row tiles, and comparing element
+by element with a bound that any correct tool's output meets (`verify --fast` checks plain linear
+LoRA merges with the probe test of `verify_probe` instead):
 
-* `RecomputeCheck` (DoRA, MoE experts, lora_bias, trainable-token rows, dequantized bitsandbytes bases,
-  and LoRA merges onto them when they are not probed): with E the exact float32 expectation,
+* `BytesCheck` / `CastCheck` / `ReplaceCheck`: copied tensors, cast tensors (torch's round to nearest
+  even) and modules_to_save / saved embeddings byte for byte.
+* `RecomputeCheck` (DoRA, MoE experts, lora_bias, trainable-token rows, dequantized bitsandbytes
+  bases): with E the exact float32 expectation,
   `|O − E| ≤ T·½ulp(O) + ε·Σ|f|·(|col|ᵀ|row|) + T(u+u32)·|O − W| [+ u·|W| cast] [+ ρ·|E| DoRA] + floor`,
   ε = 2u + (r+2)·u32 (factors rounded to the output dtype, float32 rank-r accumulation in any
   order), ρ = 4u + n·u32 (a DoRA norm over n elements summed in any order, then divided), the
   |col|ᵀ|row| products carried through DoRA's rescaling by |m/‖·‖|. Our own outputs equal round(E).
-* `QuantWeightCheck` (merged_4bit packed weight): OUT's codes are dequantized with OUT's own absmax
-  and quant state, O = c_k·â (rounded to the quant-state dtype), and compared with E = W + Δ:
-  quantizing x with block absmax a picks the code nearest x/a, so `|x − c_k·a| ≤ h_k·a` where h_k is
-  the larger distance from c_k to the edges of its decision interval (midpoints to its neighbours,
-  ±1 at the ends). With the stored absmax â within e_a of a (e_a: the 8-bit double-quant step
-  nested_absmax·(largest gap of the dynamic map), or float32 slack without double quant):
-  `|O − E| ≤ h_k·(â + e_a) + |c_k|·e_a + ½ulp(O) + ε·Σ|f|(|col|ᵀ|row|) + 2u32·|E| + floor`.
-  Each block's â is also checked against max|E| of the block (±e_a + slack). A fault is seen where it
-  exceeds that quantization step: a wrong delta much smaller than ~h·absmax (≈ 5–10 % of the block's
-  largest value for nf4) cannot be told from quantization noise.
-* `QuantPartCheck`: quant_map / nested_quant_map equal bitsandbytes' code books, the quant-state JSON
-  parses and matches the planned format; absmax / nested_absmax are checked with their weight.
+* merged_4bit outputs: `verify_quant` (each element within its block's quantization step; the
+  statistics by value).
 
+A fault names the tensor and counts the elements out of bound ("values differ: 1 of 65536 elements
+out of bound in 1 of 256 rows (max excess 61× the bound at row 5 col 7: stored …, expected …)").
 Diagnosis uses streamed sums over q = O − W (observed change) and d = E − W (expected change) against
 Σb² (b: the bound): Σq² ≤ Σb² "delta missing"; a least-squares factor c with Σ(q − c·d)² ≤ Σb²
-"scale off by c×"; failures confined to a few rows "values differ in N rows"; else "wrong delta".
+"scale off by c×"; failures confined to a few rows "values differ"; else "wrong delta".
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -43,8 +37,8 @@ from .quant import bnb4
 from .quant import stream as qs
 from .terms import TensorMath, factor_bytes, needs_prepass
 from .verifier import (
-    LOCALIZED_FRACTION, U32, _UNIT_ROUNDOFF, Chunk, Context, Fault, TensorCheck, TensorResult, _fmt_factor,
-    _rows_and_width, _torch_dtype,
+    _UNIT_ROUNDOFF, LOCALIZED_FRACTION, U32, Chunk, Context, Fault, TensorCheck, TensorResult, _as_tensor,
+    _fmt_factor, _rows_and_width, _torch_dtype,
 )
 
 RTILES = 6  # float32 work tiles of a recompute check: acc, scratch, W, |Δ| bound, O, bound
@@ -52,7 +46,7 @@ RTILES = 6  # float32 work tiles of a recompute check: acc, scratch, W, |Δ| bou
 # their per-element bounds, the dequantized codes) that live while one tile is compared
 RTILE_BYTES = RTILES * 4 + 96
 _F32_EXPONENT_BITS = 0x7F800000
-DYNAMIC_MAP_GAP = 0.0141  # largest gap between adjacent values of bitsandbytes' 8-bit dynamic map (0.01406)
+F32_TINY = torch.finfo(torch.float32).tiny
 
 
 def base_dtype_name(t: OutputTensor) -> str:
@@ -97,6 +91,76 @@ def state_bytes(t: OutputTensor) -> int:
     if needs_prepass(t):
         total += 8 * _rows_and_width(t.weight_shape)[1]
     return total
+
+
+# ------------------------------------------------------------------------------------ bytes
+
+class BytesCheck(TensorCheck):
+    """Copied tensors: OUT's bytes must be the base's bytes."""
+
+    def __init__(self, tensor: OutputTensor, ctx: Context):
+        super().__init__(tensor, ctx)
+        self.itemsize = ITEMSIZE[tensor.dtype]
+        self.differing = 0
+        self.first: int | None = None  # flat element index of the first difference
+
+    def expected(self, chunk: Chunk, nbytes: int) -> memoryview:
+        return chunk.base[:nbytes]
+
+    def feed(self, chunk: Chunk) -> None:
+        nbytes = chunk.rows * self.width * self.itemsize
+        if nbytes == 0:
+            return
+        got = torch.frombuffer(chunk.out, dtype=torch.uint8, count=nbytes)
+        want = torch.frombuffer(self.expected(chunk, nbytes), dtype=torch.uint8, count=nbytes)
+        if torch.equal(got, want):
+            return
+        # count differing elements in bounded pieces (only on failure)
+        step = (1 << 20) * self.itemsize
+        for lo in range(0, nbytes, step):
+            hi = min(nbytes, lo + step)
+            diff = (got[lo:hi] != want[lo:hi]).view(-1, self.itemsize).any(dim=1)
+            n = int(diff.sum())
+            if n and self.first is None:
+                self.first = chunk.row_start * self.width + lo // self.itemsize + int(diff.nonzero()[0, 0])
+            self.differing += n
+
+    def finish(self) -> tuple[TensorResult, Fault | None]:
+        ok = self.differing == 0
+        result = TensorResult(self.tensor.name, self.tensor.op, ok)
+        if ok:
+            return result, None
+        total = self.rows * self.width
+        row = self.first // max(self.width, 1)
+        src = "the adapter's saved tensor" if self.tensor.op == "replace" else "the base"
+        what = src if self.tensor.source.dtype == self.tensor.dtype else f"{src} cast to {self.tensor.dtype}"
+        fault = Fault(
+            "bytes differ", self.tensor.name,
+            f"bytes differ from {what}: {self.differing} of {total} elements (first at row {row})",
+            {"elements": self.differing, "total": total, "first_row": row},
+        )
+        return result, fault
+
+
+class CastCheck(BytesCheck):
+    """Cast tensors: OUT's bytes must be the base chunk cast by torch (round to nearest even)."""
+
+    def expected(self, chunk: Chunk, nbytes: int) -> memoryview:
+        src = _as_tensor(chunk.base, self.tensor.source.dtype, chunk.rows, self.width)
+        dst = _as_tensor(chunk.scratch, self.tensor.dtype, chunk.rows, self.width)
+        dst.copy_(src)
+        return chunk.scratch[:nbytes]
+
+
+class ReplaceCheck(CastCheck):
+    """modules_to_save / saved embeddings / saved biases: OUT holds the adapter's tensor (or its cast)."""
+
+    def expected(self, chunk: Chunk, nbytes: int) -> memoryview:
+        if self.tensor.source.dtype == self.tensor.dtype:
+            return chunk.base[:nbytes]
+        return super().expected(chunk, nbytes)
+
+
 
 
 # ------------------------------------------------------------------------------------ base rows
@@ -159,6 +223,44 @@ def _half_ulp(o: torch.Tensor, u: float, out: torch.Tensor) -> torch.Tensor:
     return out.mul_(u)
 
 
+def output_floor(dtype: str) -> float:
+    """Absolute rounding slack near zero: a spacing of the output dtype's subnormals (a float32 one at least)."""
+    if dtype not in _UNIT_ROUNDOFF:
+        return F32_TINY
+    finfo = torch.finfo(_torch_dtype(dtype))
+    return max(F32_TINY, finfo.smallest_normal * finfo.eps)
+
+
+class Excess:
+    """The element furthest out of bound in a tensor: where it is, what is stored and expected there."""
+
+    def __init__(self):
+        self.ratio = 0.0
+        self.where: tuple[int, int] | None = None
+        self.values: tuple[float, float, float] = (0.0, 0.0, 0.0)  # stored, expected, bound
+
+    def update(self, ratio: torch.Tensor, r0: int, o: torch.Tensor, e: torch.Tensor, bound: torch.Tensor) -> None:
+        flat = int(torch.argmax(ratio.nan_to_num(nan=0.0)))
+        value = float(ratio.reshape(-1)[flat])
+        if self.where is None or value > self.ratio:
+            i, j = divmod(flat, ratio.shape[1])
+            self.ratio, self.where = value, (r0 + i, j)
+            self.values = (float(o[i, j]), float(e[i, j]), float(bound[i, j]))
+
+    def text(self) -> str:
+        if self.where is None:
+            return "no element located"
+        stored, expected, bound = self.values
+        return (f"max excess {self.ratio:.3g}× the bound at row {self.where[0]} col {self.where[1]}: stored {stored:.6g}, "
+                f"expected {expected:.6g} ± {bound:.3g}")
+
+    def data(self) -> dict:
+        if self.where is None:
+            return {}
+        return {"worst": {"row": self.where[0], "col": self.where[1], "excess": self.ratio, "stored": self.values[0],
+                          "expected": self.values[1], "bound": self.values[2]}}
+
+
 # ------------------------------------------------------------------------------------ recompute
 
 
@@ -175,7 +277,7 @@ class RecomputeCheck(TensorCheck):
         self.base = BaseRows(tensor, ctx)
         self.math = TensorMath.load(tensor, ctx.load, ctx.device) if tensor.loras else None
         terms = self.math.terms if self.math is not None else []
-        self.abs_terms = {id(t): _abs_term(t) for t in terms}
+        self.abs_terms = self._abs_terms(terms)
         self.u = self._unit_roundoff()
         additive = [t for t in tensor.loras if t.kind != "token_rows"]
         n_terms = len(additive)
@@ -186,14 +288,18 @@ class RecomputeCheck(TensorCheck):
         self.cast_u = self.u if self.base.dtype != self._value_dtype() else 0.0
         dora_n = self.rows if needs_prepass(tensor) else self.width
         self.rho = 4 * self.u + dora_n * U32 if any(t.kind == "dora" for t in tensor.loras) else 0.0
-        self.floor = torch.finfo(torch.float32).tiny
+        self.floor = output_floor(self._value_dtype())
         # streamed sums
         self.sum_qq = self.sum_qd = self.sum_dd = self.sum_bb = 0.0
         self.bad = 0
         self.bad_rows = 0
         self.first_bad: int | None = None
         self.worst = 0.0
+        self.excess = Excess()
         self.nonfinite = 0
+
+    def _abs_terms(self, terms) -> dict:
+        return {id(t): _abs_term(t) for t in terms}
 
     # -- what the subclass for 4-bit outputs changes
 
@@ -290,13 +396,16 @@ class RecomputeCheck(TensorCheck):
         bad = err > bound
         self._block_check(chunk, a, b, acc, ab, bad)
         n_bad = int(bad.sum())
+        ratio = err / bound
         if n_bad:
             rows_bad = bad.any(dim=1).nonzero()
             self.bad += n_bad
             self.bad_rows += len(rows_bad)
             if self.first_bad is None:
                 self.first_bad = r0 + int(rows_bad[0, 0])
-        self.worst = max(self.worst, float((err / bound).max()) if err.numel() else 0.0)
+            self.excess.update(ratio, r0, o, acc, bound)
+        self.worst = max(self.worst, float(ratio.max()) if err.numel() else 0.0)
+        del ratio
         self.sum_bb += float(torch.linalg.vector_norm(bound, dtype=torch.float64) ** 2)
         q = torch.sub(o, w, out=scratch)
         d = torch.sub(acc, w, out=ab)
@@ -328,255 +437,50 @@ class RecomputeCheck(TensorCheck):
             return result, None
         return result, self._diagnose()
 
+    def _fault_data(self) -> dict:
+        return {"elements_failing": self.bad, "elements": self.rows * self.width, "rows_failing": self.bad_rows,
+                "rows": self.rows, "first_row": self.first_bad, **self.excess.data()}
+
+    def _counted(self) -> str:
+        return f"{self.bad} of {self.rows * self.width} elements out of bound"
+
+    def _localized(self) -> Fault:
+        return Fault("values differ", self.tensor.name,
+                     f"values differ: {self._counted()} in {self.bad_rows} of {self.rows} rows ({self.excess.text()}); "
+                     "the rest matches base + adapters", self._fault_data())
+
     def _diagnose(self) -> Fault:
         name = self.tensor.name
-        data = {"elements_failing": self.bad, "rows_failing": self.bad_rows, "rows": self.rows, "first_row": self.first_bad}
+        data = self._fault_data()
+        counted = self._counted()
         if self.nonfinite:
             return Fault("non-finite", name, f"{self.nonfinite} non-finite value(s) where base + adapters are finite", data)
         if self.sum_qq <= self.sum_bb and self.sum_dd > self.sum_bb:
-            return Fault("delta missing", name, "delta missing: the tensor equals the base (within rounding)", data)
+            return Fault("delta missing", name, f"delta missing: the tensor equals the base (within rounding; {counted})", data)
         c = self.sum_qd / self.sum_dd if self.sum_dd > 0 else 0.0
         resid = max(self.sum_qq - 2 * c * self.sum_qd + c * c * self.sum_dd, 0.0)
         if self.sum_dd > self.sum_bb and resid <= self.sum_bb and abs(c - 1) > 0.01:
-            return Fault("scale off", name, f"scale off by {_fmt_factor(c)}× (the delta is applied {_fmt_factor(c)} times)",
-                         {**data, "factor": c})
+            return Fault("scale off", name, f"scale off by {_fmt_factor(c)}× (the delta is applied {_fmt_factor(c)} times; "
+                         f"{counted})", {**data, "factor": c})
         if 0 < self.bad_rows <= max(1, int(LOCALIZED_FRACTION * self.rows)):
-            return Fault("values differ", name, f"values differ in {self.bad_rows} of {self.rows} rows (first: row "
-                         f"{self.first_bad}); the rest matches base + adapters", data)
+            return self._localized()
         if self.sum_dd == 0:
-            return Fault("wrong delta", name, f"wrong values in {self.bad_rows} of {self.rows} rows (first: row "
+            return Fault("wrong delta", name, f"wrong values: {counted} in {self.bad_rows} of {self.rows} rows (first: row "
                          f"{self.first_bad}); the adapters do not change this tensor", data)
         observed, expected = math.sqrt(self.sum_qq), math.sqrt(self.sum_dd)
         corr = self.sum_qd / (observed * expected) if observed > 0 else 0.0
         data.update(correlation=corr, size_ratio=observed / expected)
-        return Fault("wrong delta", name, f"wrong delta: the change from the base does not match base + adapters in "
-                     f"{self.bad_rows} of {self.rows} rows (correlation {corr:.2f}, size {observed / expected:.3g}× the expected)",
+        return Fault("wrong delta", name, f"wrong delta: the change from the base does not match base + adapters: {counted} "
+                     f"in {self.bad_rows} of {self.rows} rows (correlation {corr:.2f}, size {observed / expected:.3g}× the expected)",
                      data)
 
 
-# ------------------------------------------------------------------------------------ 4-bit output
-
-
-def _code_bounds(code: torch.Tensor) -> torch.Tensor:
-    """h_k: the largest |x − c_k| for x in [-1, 1] that the nearest-code rule maps to code k."""
-    vals = code.float().reshape(-1)
-    order = torch.argsort(vals)
-    s = vals[order]
-    lo = torch.cat([torch.tensor([-1.0]), (s[:-1] + s[1:]) / 2])
-    hi = torch.cat([(s[:-1] + s[1:]) / 2, torch.tensor([1.0])])
-    h_sorted = torch.maximum(s - lo, hi - s).clamp_min(0)
-    h = torch.empty_like(vals)
-    h[order] = h_sorted
-    return h
-
-
-class QuantWeightCheck(RecomputeCheck):
-    """The packed weight of a merged_4bit output, dequantized with OUT's own statistics, against W + Δ
-    within the quantization step of its block (see the module docstring)."""
-
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        self.qo = tensor.quant_out
-        self.broken: str | None = None
-        super().__init__(tensor, ctx)
-        self.category = "quant"
-        self.absmax_bad = 0
-        self.first_absmax_bad: int | None = None
-        self.bad_outside_absmax = 0  # failing elements in blocks whose absmax is right
-        self._load_stats()
-
-    def _unit_roundoff(self) -> float:
-        return _UNIT_ROUNDOFF.get(FROM_TORCH_NAME.get(self.qo.dtype, "BF16"), 2.0**-8)
-
-    def _value_dtype(self) -> str:
-        return FROM_TORCH_NAME.get(self.qo.dtype, "BF16")
-
-    def _load_stats(self) -> None:
-        w = self.qo.weight
-        names = bnb4.companion_names(w, self.qo.double_quant, self.qo.quant_type)
-        tensors = {}
-        for n in names:
-            t = self.ctx.out_tensor(n)
-            if t is None:
-                self.broken = f"its statistic tensor {n} is missing or misshapen"
-                return
-            tensors[n] = t
-        tensors[w] = torch.empty(self.tensor.shape, dtype=_torch_dtype(self.tensor.dtype), device="meta")
-        qm = f"{w}.quant_map"  # dequantize_4bit uses its own code book; the stored one is QuantPartCheck's
-        tensors[qm] = torch.empty(tuple(tensors[qm].shape), dtype=tensors[qm].dtype, device="meta")
-        try:
-            fmt = bnb4.parse_bnb4(w, tensors)
-            if (fmt.quant_type, fmt.blocksize, tuple(fmt.shape), fmt.nested) != (
-                    self.qo.quant_type, self.qo.blocksize, tuple(self.qo.shape), self.qo.double_quant):
-                raise ValueError(f"its quant state describes {fmt.quant_type} blocksize {fmt.blocksize} shape "
-                                 f"{list(fmt.shape)} double quant {fmt.nested}, expected {self.qo.quant_type} blocksize "
-                                 f"{self.qo.blocksize} shape {list(self.qo.shape)} double quant {self.qo.double_quant}")
-            nested = [tensors.get(f"{w}.nested_absmax"), tensors.get(f"{w}.nested_quant_map")]
-            self.absmax = bnb4.decode_absmax(fmt, tensors[f"{w}.absmax"], *nested).float().to(self.ctx.device)
-        except (ValueError, RuntimeError) as exc:
-            self.broken = str(exc)
-            return
-        self.fmt = fmt
-        self.u = _UNIT_ROUNDOFF.get(FROM_TORCH_NAME.get(fmt.dtype, "BF16"), 2.0**-8)
-        code = bnb4.codebook(fmt.quant_type)
-        self.code = code.to(self.ctx.device)
-        self.h = _code_bounds(code).to(self.ctx.device)
-        self.code_abs = code.abs().to(self.ctx.device)
-        if fmt.nested:
-            groups = torch.arange(fmt.n_blocks) // fmt.nested_blocksize
-            na = tensors[f"{w}.nested_absmax"].float().abs()
-            self.e_a = (na[groups] * DYNAMIC_MAP_GAP + 4 * U32 * (self.absmax.cpu().abs() + abs(float(fmt.nested_offset)))).to(self.ctx.device)
-        else:
-            self.e_a = (4 * U32 * self.absmax.abs())
-
-    def out_span(self, r0: int, r1: int) -> tuple[int, int]:
-        e0, e1 = r0 * self.width, r1 * self.width
-        return e0 // 2, (e1 + 1) // 2 - e0 // 2
-
-    def feed(self, chunk: Chunk) -> None:
-        if self.broken is None:
-            super().feed(chunk)
-
-    def _blocks(self, chunk: Chunk, a: int, b: int) -> tuple[int, int, int]:
-        e0 = (chunk.row_start + a) * self.width
-        k = (b - a) * self.width
-        return e0 // self.fmt.blocksize, -(-(e0 + k) // self.fmt.blocksize), k
-
-    def _codes(self, chunk: Chunk, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        off = (a * self.width) // 2
-        k = (b - a) * self.width
-        packed = torch.frombuffer(chunk.out, dtype=torch.uint8, count=len(chunk.out))[off : off + (k + 1) // 2]
-        nib = torch.stack(((packed >> 4), (packed & 15)), dim=1).reshape(-1)[:k].long()
-        return packed, nib
-
-    def _observed(self, chunk: Chunk, a: int, b: int, o: torch.Tensor) -> None:
-        blk0, blk1, k = self._blocks(chunk, a, b)
-        packed, _ = self._codes(chunk, a, b)
-        o.view(-1).copy_(bnb4.dequantize_range(self.fmt, packed.to(self.ctx.device), self.absmax[blk0:blk1], self.code, k))
-
-    def _per_element(self, v: torch.Tensor, k: int) -> torch.Tensor:
-        return v.repeat_interleave(self.fmt.blocksize)[:k]
-
-    def _tolerance(self, o, w, e, ab, bound, scratch, r0, a, chunk) -> None:
-        b = a + o.shape[0]
-        blk0, blk1, k = self._blocks(chunk, a, b)
-        _, nib = self._codes(chunk, a, b)
-        nib = nib.to(self.ctx.device)
-        amax = self._per_element(self.absmax[blk0:blk1], k).view_as(o)
-        e_a = self._per_element(self.e_a[blk0:blk1], k).view_as(o)
-        bound.copy_(self.h[nib].view_as(o) * (amax.abs() + e_a))
-        bound.add_(self.code_abs[nib].view_as(o) * e_a)
-        bound.add_(_half_ulp(o, self.u, scratch))
-        bound.add_(ab, alpha=self.eps)
-        bound.add_(scratch.copy_(e).abs_(), alpha=2 * U32 + self.rho)
-        bound.add_(self.floor)
-
-    def _block_check(self, chunk, a, b, e, ab, bad) -> None:
-        """Each block's stored absmax against max|E| of the block."""
-        blk0, blk1, k = self._blocks(chunk, a, b)
-        bs = self.fmt.blocksize
-        nb = blk1 - blk0
-        pad = nb * bs - k
-
-        def per_block(x: torch.Tensor, reduce) -> torch.Tensor:
-            flat = x.reshape(-1)
-            if pad:
-                flat = torch.nn.functional.pad(flat, (0, pad))
-            return reduce(flat.view(nb, bs))
-
-        a_e = per_block(e.abs(), lambda v: v.amax(dim=1))
-        slack = per_block(ab * self.eps + e.abs() * (2 * U32), lambda v: v.amax(dim=1))
-        stored = self.absmax[blk0:blk1]
-        wrong = (stored - a_e).abs() > self.e_a[blk0:blk1] + slack + self.floor
-        wrong_blocks = wrong.nonzero()
-        if len(wrong_blocks):
-            self.absmax_bad += len(wrong_blocks)
-            if self.first_absmax_bad is None:
-                self.first_absmax_bad = blk0 + int(wrong_blocks[0, 0])
-        bad_blocks = per_block(bad, lambda v: v.any(dim=1))
-        self.bad_outside_absmax += int((bad_blocks & ~wrong).sum())
-
-    def finish(self):
-        name = self.tensor.name
-        if self.broken is not None:
-            return TensorResult(name, "quant", False), Fault("unreadable", name, f"cannot check the 4-bit weight: {self.broken}")
-        result, fault = super().finish()
-        if self.absmax_bad == 0:
-            return result, fault
-        result.ok = False
-        absmax_name = f"{self.qo.weight}.absmax"
-        absmax_fault = Fault(
-            "absmax differs", absmax_name,
-            f"block absmax differs from max|W + Δ| in {self.absmax_bad} of {self.fmt.n_blocks} blocks (first: block "
-            f"{self.first_absmax_bad}){' (decoded with nested_absmax and the quant state)' if self.fmt.nested else ''}",
-            {"blocks": self.absmax_bad, "first_block": self.first_absmax_bad},
-        )
-        if fault is not None and fault.kind in ("delta missing", "scale off", "wrong delta", "non-finite"):
-            return result, fault  # the statistics follow from the wrong values
-        if fault is not None and self.bad_outside_absmax:
-            return result, [fault, absmax_fault]
-        return result, absmax_fault
-
-
-class QuantPartCheck(TensorCheck):
-    """A statistic tensor of a merged_4bit weight: code books and the quant-state JSON by value; absmax
-    and nested_absmax are checked with their weight (QuantWeightCheck)."""
-
-    SMALL = ("quant_map", "nested_quant_map", "quant_state")
-
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        super().__init__(tensor, ctx)
-        self.qo = tensor.quant_out
-        self.category = "quant_stats"
-        self.data = bytearray()
-
-    def _base_rows(self):
-        return None
-
-    def feed(self, chunk: Chunk) -> None:
-        if self.qo.part in self.SMALL:
-            self.data += chunk.out
-
-    def finish(self):
-        name, part = self.tensor.name, self.qo.part
-        result = TensorResult(name, "quant", True)
-        problem = None
-        if part in ("quant_map", "nested_quant_map"):
-            want = qs.constant_part(self.qo)
-            got = torch.frombuffer(self.data, dtype=torch.float32) if self.data else torch.empty(0)
-            if not torch.equal(got, want.reshape(-1)):
-                problem = Fault("bytes differ", name, f"{part} is not bitsandbytes' "
-                                f"{self.qo.quant_type if part == 'quant_map' else '8-bit dynamic'} code book")
-        elif part == "quant_state":
-            problem = self._quant_state()
-        if problem is not None:
-            result.ok = False
-        return result, problem
-
-    def _quant_state(self) -> Fault | None:
-        qo, name = self.qo, self.tensor.name
-        try:
-            d = json.loads(bytes(self.data).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return Fault("quant state differs", name, f"quant-state JSON does not parse ({exc})")
-        if not isinstance(d, dict):
-            return Fault("quant state differs", name, "quant-state JSON is not an object")
-        want = {"quant_type": qo.quant_type, "blocksize": qo.blocksize, "dtype": qo.dtype, "shape": list(qo.shape)}
-        if qo.double_quant:
-            want.update(nested_blocksize=bnb4.NESTED_BLOCKSIZE, nested_dtype="float32")
-        wrong = [f"{k} {d.get(k)!r} (expected {v!r})" for k, v in want.items() if d.get(k) != v]
-        keys = set(want) | ({"nested_offset"} if qo.double_quant else set())
-        if set(d) != keys:
-            wrong.append(f"keys {sorted(d)} (expected {sorted(keys)})")
-        if qo.double_quant and not isinstance(d.get("nested_offset"), (int, float)):
-            wrong.append(f"nested_offset {d.get('nested_offset')!r}")
-        if wrong:
-            return Fault("quant state differs", name, "quant state differs: " + "; ".join(wrong))
-        return None
-
-
-def check_class(t: OutputTensor) -> type[TensorCheck] | None:
-    """The check for one planned tensor (None: this verifier cannot check it)."""
-    from .verifier import PROBED_KINDS, BytesCheck, CastCheck, LinearLoraCheck, ReplaceCheck
+def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None:
+    """The check for one planned tensor (None: this verifier cannot check it). Plain linear LoRA merges
+    are checked element by element (`LinearElementCheck`), or by the probe test with `fast`."""
+    from .verify_linear import LinearElementCheck
+    from .verify_probe import PROBED_KINDS, LinearLoraCheck
+    from .verify_quant import QuantPartCheck, QuantWeightCheck
 
     if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
         return None
@@ -588,7 +492,9 @@ def check_class(t: OutputTensor) -> type[TensorCheck] | None:
         return QuantWeightCheck if t.quant_out.part == "weight" else QuantPartCheck
     if t.op == "merge":
         probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
-        return LinearLoraCheck if probed else RecomputeCheck
+        if probed:
+            return LinearLoraCheck if fast else LinearElementCheck
+        return RecomputeCheck
     if t.op in ("bias_add", "token_rows", "dequant"):
         return RecomputeCheck
     return {"copy": BytesCheck, "cast": CastCheck, "replace": ReplaceCheck}.get(t.op)

@@ -235,7 +235,14 @@ def test_value_faults_are_named(fault, bf16, tmp_path):
     res = run_cli("verify", bad, "--base", base, "--adapter", case.adapter_path, "--device", "cpu")
     assert res.returncode == 1, res.stderr
     assert f"FAIL {Q}: {report.faults[0].message}" in res.stdout
-    assert "merged tensors (probe test)" in res.stdout and "verify FAILED" in res.stdout
+    assert "merged tensors (element-wise)" in res.stdout and "verify FAILED" in res.stdout
+    # --fast: the probe test names the same fault, and the JSON report says which mode ran
+    res = run_cli("verify", bad, "--base", base, "--adapter", case.adapter_path, "--device", "cpu", "--fast", "--json")
+    assert res.returncode == 1, res.stderr
+    data = json.loads(res.stdout)
+    assert data["mode"] == "fast" and [(f["kind"], f["subject"]) for f in data["faults"]] == [("delta missing", Q)]
+    res = run_cli("verify", bad, "--base", base, "--adapter", case.adapter_path, "--device", "cpu", "--fast")
+    assert "merged tensors (probe test)" in res.stdout
 
 
 def test_scale_off_in_conv1d_weight(gpt2_case, tmp_path):
@@ -271,17 +278,25 @@ def test_flipped_byte_found_by_values_without_record(bf16, tmp_path):
     assert by_kind["bytes differ"].data["first_row"] == 123 // width
 
 
-def test_flipped_byte_found_by_checksum(bf16, tmp_path):
-    """A flip in the lowest mantissa byte of a merged weight is within rounding, so only the
-    recorded sha256 can see it; the values check still passes."""
+def test_flipped_byte_found_by_checksum_and_values(bf16, tmp_path):
+    """A flip of the top mantissa bit of one merged bf16 element (64 ulps) is seen by the recorded
+    sha256 and by the element-wise check, which counts and locates it; the probe test of --fast bounds
+    whole rows, so one element hides under it there and only the checksum sees it."""
     base, case, _, out, _ = bf16
     bad = copy_folder(out, tmp_path / "bad", keep_record=True)
     shard = shard_files(bad)[0]
+    width = _base_tensor(base, Q).shape[1]
     flip_byte(shard, Q, element=77, byte_in_element=0)
     report = verify(bad, base, [case.adapter_path])
-    assert faults_of(report) == [("checksum mismatch", shard.name)]
+    assert sorted(faults_of(report)) == sorted([("checksum mismatch", shard.name), ("values differ", Q)])
     assert report.checks["checksum"] == {"checked": 1, "failed": 1}
-    assert report.checks["merge"]["failed"] == 0
+    assert report.checks["merge"]["failed"] == 1
+    values = next(f for f in report.faults if f.kind == "values differ")
+    assert values.data["elements_failing"] == 1 and values.data["rows_failing"] == 1
+    assert (values.data["worst"]["row"], values.data["worst"]["col"]) == divmod(77, width)
+    assert f"1 of {width * width} elements out of bound" in values.message
+    fast = verify(bad, base, [case.adapter_path], fast=True)
+    assert faults_of(fast) == [("checksum mismatch", shard.name)] and fast.checks["merge"]["failed"] == 0
 
 
 def test_structure_faults(bf16, tmp_path):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..console import terminal
 from .. import ops
 from ..errors import InputError, OptionError, PlanError, UnsupportedError
 from ..io.output import RECORD_FILE
@@ -319,21 +319,22 @@ class TensorState:
                     return Fault("scale off", t.name,
                                  f"scale off by {shown}× (the delta is applied {shown} times)", {**data, "factor": k})
         where = f"first: row {self.first_bad_row}" if self.first_bad_row is not None else "within tolerance element-wise"
+        total = data["elements"] = t.rows * t.width
+        counted = f"{self.bad_elements} of {total} elements out of bound"
         if exact_required:
-            return Fault("bytes differ", t.name,
-                         f"bytes differ from the {t.ggml_type} encoding of the base: {self.bad_elements or 'some'} element(s) in "
-                         f"{self.bad_rows or 'some'} of {t.rows} rows ({where})", data)
+            return Fault("bytes differ", t.name, f"bytes differ from the {t.ggml_type} encoding of the base: {self.bad_elements or 'some'} "
+                         f"of {total} element(s) in {self.bad_rows or 'some'} of {t.rows} rows ({where})", data)
         if 0 < self.bad_rows <= max(1, int(LOCALIZED_FRACTION * t.rows)):
             what = "the rest matches base + adapters" if self.merged else "the rest matches the base"
-            return Fault("values differ", t.name,
-                         f"values differ in {self.bad_rows} of {t.rows} rows ({where}); {what}", {**data, "first_row": self.first_bad_row})
+            return Fault("values differ", t.name, f"values differ: {counted} in {self.bad_rows} of {t.rows} rows ({where}); {what}",
+                         {**data, "first_row": self.first_bad_row})
         if self.merged:
             k = self.sum_gd / self.sum_d2 if self.sum_d2 > 0 else float("nan")
             return Fault("wrong delta", t.name,
                          f"wrong delta: the stored {t.ggml_type} values do not match base + adapters "
-                         f"({self.bad_rows} of {t.rows} rows beyond tolerance; fitted delta scale {k:.3g})", data)
-        return Fault("values differ", t.name,
-                     f"values differ from the {t.ggml_type} encoding of the base in {self.bad_rows} of {t.rows} rows ({where})", data)
+                         f"({counted} in {self.bad_rows} of {t.rows} rows; fitted delta scale {k:.3g})", data)
+        return Fault("values differ", t.name, f"values differ from the {t.ggml_type} encoding of the base: {counted} in "
+                     f"{self.bad_rows} of {t.rows} rows ({where})", data)
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -610,7 +611,7 @@ class GGUFVerifier(TimedRun):
 
             total = sum(ff.path.stat().st_size for ff in files)
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="verifying gguf",
-                             file=sys.stderr, dynamic_ncols=True)
+                             file=terminal(), dynamic_ncols=True)
         results: list[TensorResult] = []
         tolerated: list[str] = []
         hashes: dict[str, str] = {}
