@@ -125,8 +125,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 
 
 def _quiet_libraries() -> None:
-    """Fewer records to route (console.py routes whatever remains): libraries' own verbosity knobs."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """No telemetry from huggingface_hub. (What libraries log is routed by console.py, and shown
+    with --debug, so their verbosity is left as the user set it.)"""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 

@@ -40,6 +40,7 @@ def hub(llama_case):
 def drive(hub, tmp_path, *args, flags=("--avx512bf16", "--chatter")) -> subprocess.CompletedProcess:
     env = hub_env(hub, tmp_path / "hf-home")
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS")  # let huggingface_hub draw its bars
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # and transformers log at its default level
     return subprocess.run([sys.executable, str(DRIVER), *flags, "--", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT))
 
