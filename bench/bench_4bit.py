@@ -114,7 +114,7 @@ def quantize_throughput(device: str, rows: int = 8192, cols: int = 4096) -> dict
     import torch
     import bitsandbytes.functional as F
 
-    from streammerge.quant.bnb4 import Bnb4Quantizer
+    from streammerge.formats.codecs.bnb4_quantize import Bnb4Quantizer
 
     w = torch.randn(rows, cols, device=device) * 0.02
     n = w.numel()

@@ -32,13 +32,13 @@ INDEX = "model.safetensors.index.json"
 RECORD = "streammerge.json"
 
 
-def build_inputs(work: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path]:
+def build_inputs(work: Path, hidden: int, layers: int, vocab: int, tokenizer: bool = False) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    spec = {"hidden": hidden, "layers": layers, "vocab": vocab, "recipe": 1}
+    spec = {"hidden": hidden, "layers": layers, "vocab": vocab, "recipe": 1, "tokenizer": tokenizer}
     base, lora = work / "base", work / "lora"
     if (work / "spec.json").exists() and json.loads((work / "spec.json").read_text()) == spec:
         return base, lora
@@ -50,6 +50,11 @@ def build_inputs(work: Path, hidden: int, layers: int, vocab: int) -> tuple[Path
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
     config.save_pretrained(base)
+    if tokenizer:  # --method gguf writes the vocabulary: a small real byte-level BPE tokenizer
+        sys.path.insert(0, str(ROOT / "tests"))
+        from models import build_trained_tokenizer
+
+        build_trained_tokenizer(base, "bpe-llama3", vocab)
     g = torch.Generator().manual_seed(0)
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     kv_dim = kv * (hidden // heads)
@@ -121,7 +126,7 @@ def journal_tensors(out: Path) -> int:
 def command(base: Path, lora: Path, out: Path, args) -> list[str]:
     return [sys.executable, "-m", "streammerge", "merge", str(base), str(lora), "--out", str(out), "--quiet",
             "--max-shard-size", args.max_shard_size, "--max-memory", args.max_memory, "--device", "cpu",
-            "--method", args.method]
+            "--method", args.method] + (["--gguf-type", args.gguf_type] if args.method == "gguf" else [])
 
 
 def env() -> dict[str, str]:
@@ -177,7 +182,7 @@ def kill_at(cmd: list[str], out: Path, delay: float, ref: dict[str, str], total:
     ok = True
     now = digests(out)
     for name in names:
-        if name.endswith(".safetensors") and now.get(name) != ref.get(name):
+        if name.endswith((".safetensors", ".gguf")) and now.get(name) != ref.get(name):
             ok = False
     if INDEX in names and any(now.get(k) != v for k, v in ref.items()):
         ok = False
@@ -203,21 +208,23 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--max-shard-size", default="40MB")
-    p.add_argument("--method", default="merged_16bit", help="merged_16bit or merged_4bit (double quant: layouts resolved at run time)")
+    p.add_argument("--method", default="merged_16bit",
+                   help="merged_16bit, merged_4bit (double quant: layouts resolved at run time) or gguf (split GGUF files)")
+    p.add_argument("--gguf-type", default="q8_0", help="with --method gguf (default q8_0)")
     p.add_argument("--max-memory", default="64MB")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "chaos")
     args = p.parse_args()
     rng = random.Random(args.seed)
     started = time.monotonic()
 
-    base, lora = build_inputs(args.work / "inputs", args.hidden, args.layers, args.vocab)
+    base, lora = build_inputs(args.work / "inputs", args.hidden, args.layers, args.vocab, tokenizer=args.method == "gguf")
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     ref_out = args.work / "reference"
     shutil.rmtree(ref_out, ignore_errors=True)
     startup, writing = timed_reference(command(base, lora, ref_out, args), ref_out)
     ref = digests(ref_out)
     total = len(json.loads((ref_out / INDEX).read_text())["weight_map"])
-    shards = sum(1 for n in ref if n.endswith(".safetensors"))
+    shards = sum(1 for n in ref if n.endswith((".safetensors", ".gguf")))
     print(f"model: {size / 1e6:.0f} MB bf16, {total} tensors -> {shards} output shards; reference merge: "
           f"{startup:.1f} s to start, {writing:.1f} s writing")
 

@@ -5,7 +5,7 @@ The public functions import their machinery lazily so `streammerge --help` does 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["merge", "plan", "verify", "save_merged", "__version__"]
 

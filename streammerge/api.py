@@ -5,64 +5,40 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import resource
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .adapters import Adapter, check_finite, load_adapter
+from .version import __version__
+from .adapters.load import Adapter, check_finite, load_adapter
 from .errors import DiskFullError, InputError, Interrupted, OptionError, OutputError, StreamMergeWarning
-from .io.checkpoint import INDEX_FILE
-from .io.hub import adapter_folder, open_base
-from .io.output import (
-    RECORD_FILE, atomic_write_json, check_output_path, clear_folder, copy_other_files, merged_config, write_index,
+from .formats.checkpoint import INDEX_FILE
+from .hub.checkpoint import open_base
+from .hub.client import adapter_folder
+from .formats.folder import (
+    RECORD_FILE,
+    atomic_write_json,
+    check_output_path,
+    clear_folder,
+    copy_other_files,
+    merged_config,
+    write_index,
 )
-from .io.safetensors import DISK_FULL_ERRNOS, fsync_dir
+from .formats.safetensors import DISK_FULL_ERRNOS, fsync_dir
 from .network import guarded
-from .options import AdapterSpec, MergeOptions
-from .planner import MergePlan, build_adapter_plan, build_plan
+from .options import AdapterArg, MergeOptions, adapter_specs
+from .run.result import MergeResult, peak_rss_bytes
+from .planning.types import MergePlan
+from .planning.build import build_adapter_plan, build_plan
 
-AdapterArg = str | Path | AdapterSpec | tuple[str, float]
-
-
-@dataclass
-class MergeResult:
-    out: Path
-    plan: MergePlan
-    seconds: float
-    peak_rss_bytes: int
-    shards: list[dict[str, Any]]
-    pushed: str | None = None  # commit URL when --push-to-hub was given
-    gguf: Any = None  # the GGUFPlan, for --method gguf
-    resumed_tensors: int = 0  # tensors kept (verified) from an interrupted run in OUT
-    already_complete: bool = False  # OUT already held this exact merge; nothing was written
-
-    def resumed_line(self) -> str:
-        return f"resumed: {self.resumed_tensors}/{len(self.plan.tensors)} tensors already done"
-
-
-def _adapter_specs(adapters: AdapterArg | Sequence[AdapterArg]) -> list[AdapterSpec]:
-    if isinstance(adapters, (str, Path, AdapterSpec)):
-        adapters = [adapters]
-    specs = []
-    for a in adapters:
-        if isinstance(a, AdapterSpec):
-            specs.append(a)
-        elif isinstance(a, tuple):
-            specs.append(AdapterSpec(str(a[0]), float(a[1])))
-        else:
-            specs.append(AdapterSpec.parse(str(a)))
-    return specs
 
 
 def _load(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
     """Open the inputs and plan the merged model (what `merge` writes and `verify` checks against)."""
     checkpoint = open_base(base)  # a local folder, or a Hub repo planned from ranged header reads
-    loaded = [load_adapter(adapter_folder(spec.path), spec.weight) for spec in _adapter_specs(adapters)]
+    loaded = [load_adapter(adapter_folder(spec.path), spec.weight) for spec in adapter_specs(adapters)]
     if not loaded:
         from .errors import AdapterError
 
@@ -81,7 +57,7 @@ def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, li
         plan = dataclasses.replace(plan, notes=(*plan.notes, warning))
     if options.method == "lora":
         plan = dataclasses.replace(build_adapter_plan(loaded[0], options), notes=plan.notes)
-    from .execute import plan_layout
+    from .run.schedule import plan_layout
 
     plan_layout(plan)  # refuses a budget too small for one row of the widest tensor
     return checkpoint, loaded, plan
@@ -105,8 +81,8 @@ def no_op_warning(plan: MergePlan) -> str | None:
     applied. Reads the lora_B tensors, which are small."""
     import torch
 
-    from .execute import torch_dtype
-    from .io.safetensors import pread_exact
+    from .run.compute import torch_dtype
+    from .formats.safetensors import pread_exact
 
     b_sources: set = set()
     for t in plan.tensors:
@@ -142,7 +118,7 @@ def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **option
     With method="gguf" the result is the GGUFPlan (its `.merge_plan` is the tensor-level plan)."""
     opts = MergeOptions.create(**options)
     if opts.method == "gguf":
-        from .gguf.api import plan_gguf
+        from .run.gguf_merge import plan_gguf
 
         return plan_gguf(base, adapters, opts)[3]
     return _prepare(base, adapters, opts)[2]
@@ -151,7 +127,7 @@ def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **option
 def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | Path):
     """Free space against what a merge into `out` still has to write (for `streammerge plan`):
     shards an interrupted or finished merge of the same inputs there has committed count as done."""
-    from . import journal as jr
+    from .run import journal as jr
 
     out = Path(out)
     finished: set[str] = set()
@@ -167,10 +143,6 @@ def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | P
         finished = committed
     return jr.disk_need(plan, out, finished=finished, ours=ours,
                         extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @guarded()
@@ -201,25 +173,31 @@ def merge(
     downloaded once merged and, with `push_to_hub`, uploads and deletes each output shard as it is
     finished. `push_to_hub="org/name"` uploads the result with a model card (`private`, `push_revision`).
     """
-    from . import journal as jr
-    from .hub_run import HubRun
+    from .run import journal as jr
+    from .hub.run import HubRun
 
     opts = MergeOptions.create(**options)
     if push_to_hub:
-        from .io.hub import check_push_id
+        from .hub.client import check_push_id
 
         check_push_id(push_to_hub)
-    if opts.method == "gguf":
-        from .gguf.api import merge_gguf
-
-        return merge_gguf(base, adapters, out, opts, overwrite=overwrite, quiet=quiet, low_disk=low_disk,
-                          push_to_hub=push_to_hub, private=private, push_revision=push_revision)
     say = report or (lambda message: None)
     started = time.perf_counter()
-    checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
-    from .execute import Executor, _fix_malloc_threshold, done_tensors, resolve_device  # after the checks
+    gplan = None
+    if opts.method == "gguf":  # the GGUF files are shards of the "gguf" container, run like any others
+        from .run.gguf_merge import plan_gguf
 
-    _fix_malloc_threshold()  # before reading inputs: their read blocks must not raise glibc's dynamic threshold
+        checkpoint, loaded, _, gplan = plan_gguf(base, adapters, opts)
+        the_plan = gplan.output
+    else:
+        checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
+    from .run.execute import Executor  # after the checks
+    from .run.pipeline import fix_malloc_threshold, done_tensors, resolve_device
+    from .run.schedule import plan_layout
+
+    plan_layout(the_plan)
+
+    fix_malloc_threshold()  # before reading inputs: their read blocks must not raise glibc's dynamic threshold
     if not opts.allow_nonfinite:
         for adapter in loaded:
             check_finite(adapter)  # adapters are small: read them once before anything is written
@@ -231,6 +209,8 @@ def merge(
     with jr.OutputLock(out) as lock:
         run = _open_run(out, the_plan, fp, overwrite=overwrite, cancel=cancel)
         if isinstance(run, MergeResult):  # OUT already holds this merge
+            if gplan is not None:
+                run.plan, run.gguf = gplan.merge_plan, gplan
             if push_to_hub:  # e.g. the push of the earlier run failed: push what is here
                 pusher = HubRun(checkpoint, the_plan, out, push_to_hub=push_to_hub, private=private, revision=push_revision)
                 pusher.prepare_push()
@@ -281,8 +261,13 @@ def merge(
             by_name = {f.filename: {"filename": f.filename, "size": f.size, "sha256": f.sha256} for f in resume.finished.values()}
             by_name.update({s.filename: {"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards})
             shards = [by_name[s.filename] for s in the_plan.shards]
-            record = _record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint,
-                             adapter_digests=[a["files"] for a in fp["adapters"]])
+            if gplan is not None:
+                from .run.gguf_merge import gguf_record
+
+                record = gguf_record(gplan, loaded, shards, copied, device, stats.seconds, checkpoint)
+            else:
+                record = _record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint,
+                                 adapter_digests=[a["files"] for a in fp["adapters"]])
             record.update(hub.record())
             record["fingerprint"] = fp
             _commit(out, the_plan, record)
@@ -304,6 +289,9 @@ def merge(
         finally:
             run.close()
     pushed = hub.push(record)
+    if gplan is not None:
+        return MergeResult(out, gplan.merge_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed,
+                           gguf=gplan, resumed_tensors=resume.tensors_done)
     return MergeResult(out, the_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed,
                        resumed_tensors=resume.tensors_done)
 
@@ -320,7 +308,7 @@ def _small_files_bytes(checkpoint, others: list[Path]) -> int:
 
 def _open_run(out: Path, plan: MergePlan, fp: dict[str, Any], *, overwrite: bool, cancel):
     """What OUT holds decides: resume an interrupted run, report a finished one, or start fresh."""
-    from . import journal as jr
+    from .run import journal as jr
 
     if overwrite and any(out.iterdir()):
         clear_folder(out)
@@ -347,7 +335,7 @@ def _open_run(out: Path, plan: MergePlan, fp: dict[str, Any], *, overwrite: bool
 
 def _complete(out: Path, plan: MergePlan, record: dict[str, Any]) -> bool:
     """A finished folder still holds every shard of the record at its size (and the index)."""
-    shards = record.get("shards")
+    shards = record.get("shards", record.get("files"))  # a GGUF record names its "files"
     if not isinstance(shards, list) or [s.get("filename") for s in shards] != [s.filename for s in plan.shards]:
         return False
     if (record.get("push") or {}).get("shards_removed_locally"):
@@ -356,14 +344,14 @@ def _complete(out: Path, plan: MergePlan, record: dict[str, Any]) -> bool:
         path = out / shard.filename
         if not path.is_file() or path.stat().st_size != entry.get("size"):  # (4-bit layouts resolve at run time)
             return False
-    return len(plan.shards) == 1 or (out / INDEX_FILE).is_file()
+    return len(plan.shards) == 1 or plan.shards[0].container != "safetensors" or (out / INDEX_FILE).is_file()
 
 
 def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
     """Make the folder a finished model, in an order where a kill at any instant leaves it either
     resumable or complete: shards renamed, then streammerge.json, then what makes it loadable
     (the last shard's final name; the index, last of all, when there are several shards)."""
-    from .journal import partial_path
+    from .run.journal import partial_path
 
     def rename(shard) -> None:
         final = out / shard.filename
@@ -375,7 +363,7 @@ def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
         rename(shard)
     atomic_write_json(out / RECORD_FILE, record)
     rename(plan.shards[-1])
-    if len(plan.shards) > 1:
+    if len(plan.shards) > 1 and plan.shards[0].container == "safetensors":  # GGUF splits carry their own keys
         write_index(out, plan.total_size, {t.name: s.filename for s in plan.shards for t in s.tensors})
     for name in ("config.json", RECORD_FILE, INDEX_FILE):  # temp files of writes a kill interrupted
         for leftover in out.glob(f".{name}.*.tmp"):
@@ -388,10 +376,15 @@ def _write_small_files(plan: MergePlan, checkpoint, loaded: list[Adapter], other
     if plan.options.method == "lora":
         return _write_adapter_files(loaded[0], out)
     copied = copy_other_files(others, out)
+    if plan.options.method == "gguf":  # the base's config as it is (a bitsandbytes base's quantization_config dropped)
+        config = merged_config(checkpoint.config, None)
+        if config is not None:
+            atomic_write_json(out / "config.json", config)
+        return copied
     config = merged_config(checkpoint.config, plan.options.dtype, plan.quantization_config)
     if config is not None:
         if plan.untied:
-            from .model_info import untied_config
+            from .planning.model_info import untied_config
 
             config = untied_config(config)
         atomic_write_json(out / "config.json", config)
@@ -400,8 +393,8 @@ def _write_small_files(plan: MergePlan, checkpoint, loaded: list[Adapter], other
 
 def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:
     """--method lora: the adapter's config (as it is) and a README beside adapter_model.safetensors."""
-    from .adapters import CONFIG_NAME
-    from .io.output import atomic_write_text
+    from .adapters.load import CONFIG_NAME
+    from .formats.folder import atomic_write_text
 
     copied = copy_other_files([adapter.path / CONFIG_NAME], out)
     readme = adapter.path / "README.md"
@@ -438,21 +431,21 @@ def verify(
     makes; `fast=True` checks plain LoRA merges with `probes` random projections per tensor instead
     (`report.mode` says which ran; GGUF outputs are always checked element by element).
     Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
-    from .execute import resolve_device
-    from .verifier import Verifier, unverifiable
+    from .run.pipeline import resolve_device
+    from .verification.verifier import Verifier, unverifiable
 
     opts = MergeOptions.create(**options)
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"verify: {out} is not a folder; give the output folder of a merge")
-    from .journal import has_valid_state, state_dir
+    from .run.journal import has_valid_state, state_dir
 
     if has_valid_state(out):
         raise InputError(
             f"verify: {out} holds an interrupted merge (its resume state is in {state_dir(out)}), not a finished "
             "model; run the same merge command again to finish it, then verify"
         )
-    from .gguf.verify import refuse_gguf_folder, verify_gguf
+    from .verification.gguf import refuse_gguf_folder, verify_gguf
 
     if opts.method == "gguf":  # GGUF files: checked against the GGUF plan (streammerge/gguf/verify.py)
         report = verify_gguf(base, adapters, out, opts, check_record=check_record, progress=not quiet)
@@ -482,7 +475,7 @@ def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied
     import safetensors
     import torch
 
-    from .io.hub import hub_origin
+    from .hub.client import hub_origin
 
     sizes = {str(f.path): f.size for f in checkpoint.files} if checkpoint is not None else {}
     base_files = sorted(f for f in {t.source.file for t in plan.tensors} if f in sizes or Path(f).parent == Path(plan.base))

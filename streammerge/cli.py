@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from .version import __version__
 from .console import dependency_output, say_warning, terminal
 from .errors import OptionError, StreamMergeError
 from .network import guarded
@@ -135,10 +135,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .api import _prepare
-    from .planner import summary_lines
+    from .planning.build import summary_lines
 
     if options.method == "gguf":
-        from .gguf.api import print_gguf_plan
+        from .run.gguf_merge import print_gguf_plan
 
         return print_gguf_plan(args.base, args.adapters, options, as_json=args.json, low_disk=args.low_disk)
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
@@ -152,10 +152,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     need = disk_need(plan, checkpoint, adapters, args.out or os.getcwd())
     print("\n".join(summary_lines(plan, disk=need.line())))
-    from .io.hub import HubCheckpoint
+    from .hub.checkpoint import HubCheckpoint
 
     if isinstance(checkpoint, HubCheckpoint):
-        from .hub_run import disk_estimate
+        from .hub.run import disk_estimate
 
         print("\n".join(disk_estimate(checkpoint, plan, low_disk=args.low_disk).lines()))
     return 0
@@ -237,7 +237,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 print(f"pushed to {args.push_to_hub}: {result.pushed}")
         return 0
     if not args.quiet and options.method == "gguf":
-        from .gguf.api import result_line
+        from .run.gguf_merge import result_line
 
         print(result_line(result))
     elif not args.quiet and result.plan.options.method == "lora":

@@ -6,6 +6,7 @@ Kept free of torch so the CLI can validate arguments before importing anything h
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +85,19 @@ class AdapterSpec:
         return cls(str(text), 1.0)
 
 
+def _codec_method(method: str) -> bool:
+    """A --method that a registered codec writes (formats.codecs; imported only for such a name)."""
+    from .formats import codecs
+
+    return codecs.for_method(method) is not None
+
+
+def _codec_methods() -> tuple[str, ...]:
+    from .formats import codecs
+
+    return tuple(codecs.methods())
+
+
 def _check_quant_options(method, quant_type, blocksize, double_quant, base_roundtrip):
     """4-bit settings: --quant-type is merged_4bit's; --blocksize / --double-quant describe the 4-bit
     format of merged_4bit's output and of --base-roundtrip's round trip, so they need one of them."""
@@ -146,9 +160,9 @@ class MergeOptions:
         double_quant: bool | None = None,
         base_roundtrip: str | None = None,
     ) -> "MergeOptions":
-        if method not in METHODS:
-            raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS)}")
-        if method not in SUPPORTED_METHODS:
+        if method not in METHODS and not _codec_method(method):
+            raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS + _codec_methods())}")
+        if method not in SUPPORTED_METHODS and not _codec_method(method):
             raise OptionError(
                 f"--method {method} is not yet supported in this version; use one of {', '.join(SUPPORTED_METHODS)}"
             )
@@ -156,7 +170,7 @@ class MergeOptions:
             raise OptionError("max_chunk_rows must be at least 1")
         extra: dict[str, Any] = {}
         if method == "gguf":
-            from .gguf.types import parse_gguf_type
+            from .formats.gguf.types import parse_gguf_type
 
             if dtype is not None:
                 raise OptionError("--dtype does not apply to --method gguf; choose the tensor type with --gguf-type")
@@ -185,3 +199,21 @@ class MergeOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+AdapterArg = str | Path | AdapterSpec | tuple[str, float]  # what merge/plan/verify accept per adapter
+
+
+def adapter_specs(adapters) -> list[AdapterSpec]:
+    """Adapter arguments (a path, `path@weight`, an AdapterSpec or a (path, weight) pair, or a list of them)."""
+    if isinstance(adapters, (str, Path, AdapterSpec)):
+        adapters = [adapters]
+    specs = []
+    for a in adapters:
+        if isinstance(a, AdapterSpec):
+            specs.append(a)
+        elif isinstance(a, tuple):
+            specs.append(AdapterSpec(str(a[0]), float(a[1])))
+        else:
+            specs.append(AdapterSpec.parse(str(a)))
+    return specs

@@ -21,12 +21,13 @@ def _tree_bytes(root: Path) -> int:
 
 def low_disk_executor(args: dict) -> dict:
     """Merge a Hub base through the executor with --low-disk, sampling the cache after every tensor."""
-    from streammerge.adapters import load_adapter
-    from streammerge.execute import Executor
-    from streammerge.hub_run import disk_estimate, input_files
-    from streammerge.io.hub import HubRef, adapter_folder, cache_dir, download, open_base, resolve
+    from streammerge.adapters.load import load_adapter
+    from streammerge.run.execute import Executor
+    from streammerge.hub.run import disk_estimate, input_files
+    from streammerge.hub.checkpoint import open_base
+    from streammerge.hub.client import HubRef, adapter_folder, cache_dir, download, resolve
     from streammerge.options import MergeOptions
-    from streammerge.planner import build_plan
+    from streammerge.planning.build import build_plan
 
     if args.get("chunk_size"):
         # huggingface_hub resumes a dropped download from the last whole chunk it wrote (10 MB); a

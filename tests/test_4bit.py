@@ -25,9 +25,10 @@ import bitsandbytes.functional as F  # noqa: E402
 
 import streammerge  # noqa: E402
 from conftest import load_safetensors_dir, run_cli, shard_files  # noqa: E402
-from streammerge.execute import chunks_of, plan_layout  # noqa: E402
-from streammerge.planner import MergePlan  # noqa: E402
-from streammerge.quant import bnb4 as B  # noqa: E402
+from streammerge.run.schedule import chunks_of, plan_layout  # noqa: E402
+from streammerge.planning.types import MergePlan  # noqa: E402
+from streammerge.formats.codecs import bnb4 as B  # noqa: E402
+from streammerge.formats.codecs import bnb4_quantize as BQ  # noqa: E402
 
 # hidden 64, intermediate 320 = 5 blocks of 64: every row of every linear weight holds whole blocks,
 # where bnb's CPU dequantize_4bit is sound (the transformers/PEFT oracles use it); gate/up_proj have
@@ -307,7 +308,7 @@ def test_merged_4bit_quantizes_merged_tiles(blocksize, bf16_case, tmp_path, monk
     64-wide rows: 4 rows) and, where the alignment does not fit a tile (down_proj's 320-wide rows),
     the whole chunk at once; the bytes are bitsandbytes' for the whole merged tensor."""
     from streammerge import ops
-    from streammerge.terms import TensorMath
+    from streammerge.run.terms import TensorMath
 
     monkeypatch.setattr(ops, "TILE_ELEMENTS", 3 * 64)  # a tile: 5 rows of 64 (the widest row is 320)
     fused = []  # (row width, rows per tile, alignment) of every tile quantized without the whole chunk
@@ -429,7 +430,7 @@ def test_torch_quantizer_and_absmax_equal_bitsandbytes(quant_type, n):
     x[:64] = 0.0  # an all-zero block
     x[100] = -0.0
     x[200:264] = 1e-40  # subnormals
-    bounds, _ = B._quantize_bounds(quant_type, torch.device("cpu"))
+    bounds, _ = BQ._quantize_bounds(quant_type, torch.device("cpu"))
     block = torch.cat([bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)])
     x[320:320 + block.numel()] = block  # scaled by their block's absmax 1.0 below: exactly on the bounds
     x[320 + block.numel()] = 1.0
@@ -441,12 +442,12 @@ def test_torch_quantizer_and_absmax_equal_bitsandbytes(quant_type, n):
     for bs in (64, 128, 4096):
         packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(x, bs, quant_type, torch.uint8)
         for tile in (None, n, 1000):  # CPU tiles, the whole chunk (as on a GPU), tiles of ~1000 values
-            tp, ta = B._quantize_4bit_torch(x, bs, quant_type, tile=tile)
+            tp, ta = BQ._quantize_4bit_torch(x, bs, quant_type, tile=tile)
             assert torch.equal(tp, packed.reshape(-1)), tile
             assert torch.equal(ta.nan_to_num(), absmax.nan_to_num()) and torch.equal(ta.isnan(), absmax.isnan())
         finite = x.clone()
         finite[~finite.isfinite()] = 0.0
-        assert torch.equal(B.block_absmax(finite, bs), torch.ops.bitsandbytes.quantize_4bit.default(finite, bs, quant_type, torch.uint8)[1])
+        assert torch.equal(BQ.block_absmax(finite, bs), torch.ops.bitsandbytes.quantize_4bit.default(finite, bs, quant_type, torch.uint8)[1])
 
 
 def test_bitsandbytes_is_imported_without_its_compile_wrappers(qbase, bf16_case, tmp_path):
@@ -471,7 +472,7 @@ def test_bitsandbytes_import_is_never_seen_half_done():
     lists a module in sys.modules before running it): B polls until the import has begun, then asks."""
     code = """
 import sys, threading, time, torch
-from streammerge.quant import bnb4
+from streammerge.formats.codecs import bnb4
 seen = []
 def b():
     while "bitsandbytes.functional" not in sys.modules:
@@ -635,7 +636,7 @@ def test_merged_4bit_resumes_byte_identical(kind, bf16_case, qbase, merged, tmp_
     its parts still to write (some in the next shard), and the result equals an uninterrupted run."""
     import threading
 
-    from streammerge import journal as jr
+    from streammerge.run import journal as jr
     from streammerge.errors import Interrupted
 
     case_name = "nf4dq-from-nf4dq" if kind == "nf4-dq" else "nf4dq-from-bf16"

@@ -292,7 +292,7 @@ def test_plan_reports_coverage(make_base, make_adapter, capsys):
 
 def test_plan_json_round_trip_every_kind(make_base, make_adapter):
     """The plan (terms of every kind, untied copy) survives JSON: what `plan --json` prints is complete."""
-    from streammerge.planner import MergePlan
+    from streammerge.planning.types import MergePlan
 
     base = make_base("qwen2")
     a = make_adapter(base, target_modules=["q_proj"], lora_bias=True, modules_to_save=["norm"],

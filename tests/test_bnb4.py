@@ -1,4 +1,4 @@
-"""streammerge.quant.bnb4 against bitsandbytes itself: chunked == whole tensor, bit for bit."""
+"""streammerge.formats.codecs.bnb4 against bitsandbytes itself: chunked == whole tensor, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
 
-from streammerge.quant import bnb4 as B  # noqa: E402
+from streammerge.formats.codecs import bnb4 as B  # noqa: E402
+from streammerge.formats.codecs import bnb4_quantize as BQ  # noqa: E402
 
 SHAPES = [
     (256, 64),  # element count a multiple of every blocksize, rows aligned to blocks
@@ -92,7 +93,7 @@ def test_stream_quantize_and_dequantize_match_whole_tensor(quant_type, double_qu
     assert (fmt.quant_type, fmt.blocksize, fmt.shape, fmt.dtype, fmt.nested) == (
         quant_type, blocksize, shape, dtype_name, double_quant)
     assert B.Bnb4Format.from_json(json.loads(json.dumps(fmt.to_json()))) == fmt
-    assert B.quant_state_json(fmt) == bytes(sd[f"{name}.quant_state.bitsandbytes__{quant_type}"].numpy())
+    assert BQ.quant_state_json(fmt) == bytes(sd[f"{name}.quant_state.bitsandbytes__{quant_type}"].numpy())
 
     # decode_absmax == what dequantize_4bit computes internally
     absmax = B.decode_absmax(fmt, qs.absmax, sd.get(f"{name}.nested_absmax"), sd.get(f"{name}.nested_quant_map"))
@@ -136,7 +137,7 @@ def test_stream_quantize_and_dequantize_match_whole_tensor(quant_type, double_qu
         assert torch.equal(torch.cat(by_elem), ref)
 
         # streamed quantization == quantize_4bit on the whole tensor
-        q = B.Bnb4Quantizer(shape, quant_type, blocksize, double_quant, dtype_name)
+        q = BQ.Bnb4Quantizer(shape, quant_type, blocksize, double_quant, dtype_name)
         assert q.row_alignment == align
         parts = [q.add(w[r0:r1]) for r0, r1 in chunks]
         assert all(p.dtype == torch.uint8 for p in parts)
@@ -145,7 +146,7 @@ def test_stream_quantize_and_dequantize_match_whole_tensor(quant_type, double_qu
         _assert_same_tensors(stats, want_stats)
         assert q.format(stats) == fmt
 
-    specs = B.bnb4_output_specs(name, shape, quant_type, blocksize, double_quant, dtype_name)
+    specs = BQ.bnb4_output_specs(name, shape, quant_type, blocksize, double_quant, dtype_name)
     assert [s.name for s in specs] == list(sd)
     for s in specs:
         t = sd[s.name]
@@ -161,13 +162,13 @@ def test_stream_quantize_and_dequantize_match_whole_tensor(quant_type, double_qu
 def test_padded_quant_state_json_loads_in_bitsandbytes(quant_type):
     shape = (64, 64)
     w = _weight(shape, "float32", seed=5)
-    specs = B.bnb4_output_specs("w", shape, quant_type, 64, True, "float32")
+    specs = BQ.bnb4_output_specs("w", shape, quant_type, 64, True, "float32")
     json_spec = specs[-1]
     assert not json_spec.exact
-    q = B.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
+    q = BQ.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
     packed = q.add(w)
     exact = q.finish()
-    q2 = B.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
+    q2 = BQ.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
     q2.add(w)
     padded = q2.finish(json_pad_to=json_spec.shape[0])
     key = f"quant_state.bitsandbytes__{quant_type}"
@@ -177,7 +178,7 @@ def test_padded_quant_state_json_loads_in_bitsandbytes(quant_type):
     assert loaded == ref_qs and loaded.offset.item() == ref_qs.offset.item()
     assert torch.equal(F.dequantize_4bit(packed.view(-1, 1), loaded), F.dequantize_4bit(ref_packed, ref_qs))
     with pytest.raises(ValueError, match="json_pad_to"):
-        q3 = B.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
+        q3 = BQ.Bnb4Quantizer(shape, quant_type, 64, True, "float32")
         q3.add(w)
         q3.finish(json_pad_to=10)
 
@@ -259,12 +260,12 @@ def test_parse_rejects_inconsistent_tensors(sd_nested):
 
 def test_quantizer_rejects_misuse():
     w = torch.randn(10, 96)
-    q = B.Bnb4Quantizer((10, 96), "nf4", 64, False, "float32")
+    q = BQ.Bnb4Quantizer((10, 96), "nf4", 64, False, "float32")
     assert q.row_alignment == 2
     q.add(w[:3])  # 288 values: ends inside a block
     with pytest.raises(ValueError, match="ended inside a 64-block"):
         q.add(w[3:])
-    q = B.Bnb4Quantizer((10, 96), "nf4", 64, False, "float32")
+    q = BQ.Bnb4Quantizer((10, 96), "nf4", 64, False, "float32")
     q.add(w[:4])
     with pytest.raises(ValueError, match="only 384 of 960"):
         q.finish()
@@ -273,9 +274,9 @@ def test_quantizer_rejects_misuse():
     with pytest.raises(ValueError, match="whole number of rows"):
         q.add(torch.randn(50))
     with pytest.raises(ValueError, match="blocksize must be one of"):
-        B.Bnb4Quantizer((10, 96), "nf4", 100, False, "float32")
+        BQ.Bnb4Quantizer((10, 96), "nf4", 100, False, "float32")
     with pytest.raises(ValueError, match="quant_type"):
-        B.Bnb4Quantizer((10, 96), "int4", 64, False, "float32")
+        BQ.Bnb4Quantizer((10, 96), "int4", 64, False, "float32")
 
 
 def test_row_alignment_is_minimal_and_chunk_ranges():
@@ -353,7 +354,7 @@ def test_real_transformers_4bit_checkpoint(bf16_dir, tmp_path, quant_type, doubl
         assert saved[name].dtype == torch.uint8 and tuple(saved[name].shape) == (w0.numel() // 2, 1)
         assert sorted(k for k in saved if k.startswith(name + ".")) == sorted(
             B.companion_names(name, double_quant, quant_type))
-        specs = B.bnb4_output_specs(name, w0.shape, quant_type, 64, double_quant, "bfloat16")
+        specs = BQ.bnb4_output_specs(name, w0.shape, quant_type, 64, double_quant, "bfloat16")
         for s in specs:
             assert s.dtype == str(saved[s.name].dtype)[6:]
             assert s.shape == tuple(saved[s.name].shape) if s.exact else saved[s.name].numel() <= s.shape[0]
@@ -374,7 +375,7 @@ def test_real_transformers_4bit_checkpoint(bf16_dir, tmp_path, quant_type, doubl
         assert torch.equal(deq, want.float().reshape(-1))
 
         # quantizing the original bf16 weight in chunks reproduces every saved byte
-        q = B.Bnb4Quantizer(tuple(w0.shape), quant_type, 64, double_quant, "bfloat16")
+        q = BQ.Bnb4Quantizer(tuple(w0.shape), quant_type, 64, double_quant, "bfloat16")
         parts = [q.add(w0[r0:r1]) for r0, r1 in _row_chunks(fmt.n_rows, q.row_alignment, 3, seed=8)]
         assert torch.equal(torch.cat(parts), flat)
         stats = q.finish()
@@ -382,7 +383,7 @@ def test_real_transformers_4bit_checkpoint(bf16_dir, tmp_path, quant_type, doubl
                              {k: saved[k] for k in B.companion_names(name, double_quant, quant_type)})
 
         # requantizing the dequantized weight (what merged_4bit does with a zero delta)
-        q = B.Bnb4Quantizer(tuple(w0.shape), quant_type, 64, double_quant, "bfloat16")
+        q = BQ.Bnb4Quantizer(tuple(w0.shape), quant_type, 64, double_quant, "bfloat16")
         rq = q.add(deq.view(w0.shape))
         rstats = q.finish()
         if quant_type == "nf4":

@@ -139,7 +139,7 @@ def test_guard_refuses_other_requesters_and_serves_ours():
     try:
         _connect_as("kernels.fetch", address)  # no guard: anyone may connect
         with network.guarded():
-            _connect_as("streammerge.io.hub", address)
+            _connect_as("streammerge.hub.client", address)
             with pytest.raises(network.NetworkBlocked):
                 _connect_as("kernels.fetch", address)
             with pytest.raises(network.NetworkBlocked):

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streammerge.errors import InputError
-from streammerge.io.checkpoint import INDEX_FILE, open_checkpoint
-from streammerge.io.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, read_header
+from streammerge.formats.checkpoint import INDEX_FILE, open_checkpoint
+from streammerge.formats.safetensors import ITEMSIZE, TORCH_NAME, pread_exact, read_header
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), print_blob=True)
 # thousands of tiny files: a RAM file system keeps this test fast on a slow or busy disk

@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import streammerge
 from conftest import load_safetensors_dir, run_cli
 from streammerge.errors import UnsupportedError
-from streammerge.gguf import arch as gguf_arch
-from streammerge.gguf import vocab as gguf_vocab
+from streammerge.formats.gguf import arch as gguf_arch
+from streammerge.formats.gguf import vocab as gguf_vocab
 
 CASES = {  # arch -> (tokenizer kind, config overrides)
     "llama": ("bpe-llama3", {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}),
@@ -324,7 +324,7 @@ def test_breaking_an_arch_rule_is_caught(cases, arch, model_type, broken, monkey
 
 def test_breaking_a_metadata_rule_is_caught(cases, monkeypatch, tmp_path):
     """Without the RoPE base key a reader falls back to its default (10000, not this model's 50000)."""
-    from streammerge.gguf import plan as gguf_plan
+    from streammerge.planning import gguf as gguf_plan
 
     def without_rope_base(*args):
         keys = gguf_arch.metadata(*args)
@@ -655,10 +655,10 @@ def test_gguf_plan_of_a_bitsandbytes_base_aligns_chunks_and_counts_statistics(bn
     """Chunks start on whole 4-bit block rows (and whole heads), the plan names the dequantized
     weights, and a budget below one chunk is refused before anything is written."""
     from streammerge.errors import PlanError
-    from streammerge.gguf.api import plan_gguf
-    from streammerge.gguf.plan import row_unit
+    from streammerge.run.gguf_merge import plan_gguf
+    from streammerge.planning.gguf import row_unit
     from streammerge.options import MergeOptions
-    from streammerge.quant import stream as qs
+    from streammerge.planning import streaming as qs
 
     case, _ = bnb_case("llama", "nf4")
     opts = MergeOptions.create(method="gguf", device="cpu", max_chunk_rows=3)
@@ -702,8 +702,8 @@ def test_low_disk_inputs_release_every_4bit_shard_after_its_last_read(bnb_case, 
     import os
     import threading
 
-    from streammerge.gguf.api import plan_gguf
-    from streammerge.gguf.execute import run_plan
+    from streammerge.run.gguf_merge import plan_gguf
+    from streammerge.run.execute import run_plan
     from streammerge.options import MergeOptions
 
     case, plain = bnb_case("llama", "nf4")

@@ -23,8 +23,8 @@ import torch
 import streammerge
 from conftest import run_cli
 from streammerge.errors import OptionError, PlanError
-from streammerge.gguf import arch as gguf_arch
-from streammerge.gguf import execute as gguf_execute
+from streammerge.formats.gguf import arch as gguf_arch
+from streammerge.run import encoded as gguf_execute
 
 BASES = {  # arch -> base kwargs (tiny models built at test time, as tests/test_gguf.py builds them)
     "llama": dict(tokenizer="bpe-llama3", tie_word_embeddings=False),
@@ -301,7 +301,7 @@ def test_verifier_permutation_is_llama_cpps_and_invertible():
     llama.cpp's definition written out in tests/test_gguf.py; unpermute inverts it."""
     from test_gguf import permuted
 
-    from streammerge.gguf.verify import permute_rows, unpermute_rows
+    from streammerge.verification.gguf import permute_rows, unpermute_rows
 
     x = torch.randn(48, 5)
     for heads in (1, 2, 3, 6):

@@ -15,8 +15,8 @@ import pytest
 
 import models
 from streammerge.errors import InputError
-from streammerge.gguf import arch as gguf_arch
-from streammerge.gguf import vocab as gguf_vocab
+from streammerge.formats.gguf import arch as gguf_arch
+from streammerge.formats.gguf import vocab as gguf_vocab
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
     gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED,

@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import streammerge
-from streammerge.adapters import read_legacy_bin
+from streammerge.adapters.load import read_legacy_bin
 from streammerge.errors import AdapterError, ExecutionError, InputError, PlanError
-from streammerge.io.checkpoint import INDEX_FILE
+from streammerge.formats.checkpoint import INDEX_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINISHED = {"model.safetensors", INDEX_FILE, "streammerge.json"}
@@ -615,7 +615,7 @@ def test_nonfinite_adapter_is_merged_when_allowed(case, lora, tmp_path, capsys):
 
 
 def test_adapter_values_are_checked_in_bounded_blocks(lora):
-    from streammerge.adapters import check_finite, load_adapter
+    from streammerge.adapters.load import check_finite, load_adapter
 
     def poison_last(t):
         t[LORA_B][-1, -1] = float("nan")

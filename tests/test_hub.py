@@ -107,7 +107,7 @@ def no_token_in(paths, texts, token=FAKE_TOKEN) -> None:
 
 
 def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
-    from streammerge.io.hub import HubRef, hub_origin, parse_hub_id
+    from streammerge.hub.client import HubRef, hub_origin, parse_hub_id
 
     monkeypatch.chdir(tmp_path)
     assert parse_hub_id("org/name") == HubRef("org/name", None)
@@ -126,7 +126,7 @@ def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
 
 def test_prefetcher_one_ahead_evicts_after_last_read(tmp_path):
     """The reader's order of files, the fetches and the evictions, with the disk checked at every fetch."""
-    from streammerge.io.fetch import Prefetcher
+    from streammerge.hub.fetch import Prefetcher
 
     files = [str(tmp_path / f"s{i}") for i in range(5)]
     (tmp_path / "s2").write_bytes(b"cached")  # already present: used in place, never fetched or evicted
@@ -158,7 +158,7 @@ def test_prefetcher_one_ahead_evicts_after_last_read(tmp_path):
 
 def test_prefetcher_hands_fetch_errors_to_the_reader(tmp_path):
     from streammerge.errors import ExecutionError
-    from streammerge.io.fetch import Prefetcher
+    from streammerge.hub.fetch import Prefetcher
 
     def fetch(path: Path) -> None:
         if path.name == "b":
@@ -177,7 +177,7 @@ def test_prefetcher_hands_fetch_errors_to_the_reader(tmp_path):
 
 
 def test_disk_estimate_matches_its_definition():
-    from streammerge.io.fetch import estimate_disk
+    from streammerge.hub.fetch import estimate_disk
 
     files = ["a", "a", "b", "c", "c", "d"]
     sizes = {"a": 100, "b": 120, "c": 90, "d": 110}
@@ -457,7 +457,7 @@ def test_resumed_hub_merge_fetches_only_what_remains(fake_hub, hub_case, tmp_pat
     import signal
 
     import streammerge
-    from streammerge import journal as jr
+    from streammerge.run import journal as jr
     from test_resume import kill_when
 
     options = ("--max-shard-size", "60KB", "--max-chunk-rows", "1")
@@ -507,7 +507,7 @@ def test_resumed_streaming_push_keeps_the_shards_already_on_the_hub(fake_hub, hu
     import signal
 
     import streammerge
-    from streammerge import journal as jr
+    from streammerge.run import journal as jr
     from test_resume import kill_when
 
     options = ("--max-shard-size", "30KB", "--max-chunk-rows", "1")
@@ -586,8 +586,10 @@ def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapte
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     name = "gbase-Q8_0.gguf"
-    assert sha256(out / name) == sha256(reference / name)
+    # --low-disk --push-to-hub: the GGUF was uploaded as soon as it was finished, then deleted here
+    assert not (out / name).exists() and not (out / (name + ".partial")).exists()
     record = json.loads((out / "streammerge.json").read_text())
+    assert record["push"]["shards_removed_locally"] is True
     assert record["downloads"]["low_disk"] is True
     assert sorted(record["downloads"]["fetched"]) == sorted(record["downloads"]["evicted"]) == shards
     assert record["base"]["hub"]["repo_id"] == repo and len(record["base"]["hub"]["commit"]) == 40
@@ -601,7 +603,7 @@ def test_gguf_from_a_hub_base_low_disk_and_push(fake_hub, make_base, make_adapte
     # pushed: the GGUF, config, tokenizer, record and a model card naming base and adapter
     pushed = fake_hub.files("me/gguf")
     assert hashlib.sha256(pushed[name]).hexdigest() == sha256(reference / name)
-    assert sorted(set(pushed) - {".gitattributes"}) == sorted(p.name for p in out.iterdir())
+    assert sorted(set(pushed) - {".gitattributes"}) == sorted([name, *(p.name for p in out.iterdir())])
     from huggingface_hub import ModelCard
 
     card = ModelCard(pushed["README.md"].decode())

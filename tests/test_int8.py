@@ -1,4 +1,4 @@
-"""streammerge.quant.int8 against bitsandbytes / transformers' LLM.int8() checkpoints."""
+"""streammerge.formats.codecs.int8 against bitsandbytes / transformers' LLM.int8() checkpoints."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from streammerge.quant import int8 as I
+from streammerge.formats.codecs import int8 as I
 
 
 def _rows(shape, seed):

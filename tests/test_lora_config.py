@@ -21,8 +21,8 @@ from peft.utils.other import get_pattern_key as peft_pattern_key
 from peft.utils.peft_types import TaskType
 
 from conftest import REPO_ROOT
-from streammerge import lora_config as lc
-from streammerge.targets import PatternTable, TargetRules, Targeting
+from streammerge.adapters import config as lc
+from streammerge.adapters.targets import PatternTable, TargetRules, Targeting
 
 MODULES = [
     "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.12.mlp.down_proj",
@@ -161,7 +161,7 @@ def test_exotic_config_still_goes_through_peft(llama_case, tmp_path):
     import json
     import shutil
 
-    from streammerge.adapters import load_adapter
+    from streammerge.adapters.load import load_adapter
     from streammerge.errors import UnsupportedError
 
     lora = tmp_path / "lora"

@@ -17,7 +17,7 @@ from conftest import load_safetensors_dir
 from models import EXPERT_PARAMS
 
 import streammerge
-from streammerge.planner import MergePlan
+from streammerge.planning.types import MergePlan
 
 
 @pytest.mark.parametrize("arch,pieces", [("gpt_oss", False), ("qwen3_moe", True)])

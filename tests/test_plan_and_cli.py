@@ -15,9 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import streammerge
 from streammerge.errors import OptionError
-from streammerge.io.safetensors import TensorSpec
+from streammerge.formats.safetensors import TensorSpec
 from streammerge.options import AdapterSpec, parse_size
-from streammerge.planner import MergePlan, split_into_shards
+from streammerge.planning.types import MergePlan
+from streammerge.planning.build import split_into_shards
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
 
 from streammerge.errors import InputError  # noqa: E402
-from streammerge.quant import parse_checked  # noqa: E402
-from streammerge.quant.bnb4 import parse_bnb4  # noqa: E402
-from streammerge.quant.int8 import parse_int8  # noqa: E402
+from streammerge.formats.codecs.checked import parse_checked  # noqa: E402
+from streammerge.formats.codecs.bnb4 import parse_bnb4  # noqa: E402
+from streammerge.formats.codecs.int8 import parse_int8  # noqa: E402
 
 NAME = "model.layers.3.mlp.down_proj.weight"
 FILE = Path("/models/llama-4bit/model-00002-of-00004.safetensors")

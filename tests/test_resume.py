@@ -24,7 +24,7 @@ import pytest
 
 import streammerge
 from streammerge import api
-from streammerge import journal as jr
+from streammerge.run import journal as jr
 from streammerge.errors import DiskFullError, OutputError
 
 from conftest import REPO_ROOT
@@ -506,3 +506,62 @@ def test_verify_names_an_interrupted_folder(case, tmp_path):
     assert kill_when(start(base, adapter, out, *SHARDED, "--quiet"), out, lambda s: s["tensors"] >= 2) is not None
     with pytest.raises(InputError, match="interrupted merge.*run the same merge command again"):
         streammerge.verify(out, base, [adapter], **FAST)
+
+
+# ------------------------------------------------------------------------- GGUF, the same machinery
+
+
+GGUF_SPLIT = ("--method", "gguf", "--gguf-type", "q8_0", "--max-shard-size", "600KB", "--max-chunk-rows", "1")
+
+
+@pytest.fixture(scope="module")
+def gguf_case(make_base, make_adapter):
+    base = make_base("llama", tokenizer="bpe-llama3", **MODEL)
+    return base, make_adapter(base).adapter_path
+
+
+@pytest.fixture(scope="module")
+def gguf_reference(gguf_case, tmp_path_factory):
+    pytest.importorskip("gguf")
+    base, adapter = gguf_case
+    out = tmp_path_factory.mktemp("gguf-ref") / "out"
+    res = merge(base, adapter, out, *GGUF_SPLIT, "--quiet")
+    assert res.returncode == 0, res.stderr
+    ref = files(out)
+    names = sorted(n for n in ref if n.endswith(".gguf"))
+    assert len(names) >= 4, names  # split as llama.cpp splits: NAME-0000i-of-0000N.gguf
+    assert not [n for n in ref if n.startswith(".") or n.endswith((".partial", ".tmp"))], sorted(ref)
+    return ref, names
+
+
+@pytest.mark.parametrize("moment", ["first_record", "mid_file", "between_files", "last_file"])
+def test_gguf_sigkill_at_any_moment_resumes_byte_identical(gguf_case, gguf_reference, tmp_path, moment):
+    """A GGUF merge is journaled and resumed exactly as a safetensors one: killed at several moments,
+    re-run, the folder equals the uninterrupted run's, file for file."""
+    reference, names = gguf_reference
+    base, adapter = gguf_case
+    moments = {
+        "first_record": lambda s: s["tensors"] >= 1,
+        "mid_file": lambda s: any(0 < s["journal"].get(n, 0) and n + ".partial" in s["names"] for n in names[1:-1]),
+        "between_files": lambda s: any(a in s["names"] and s["journal"].get(b, 0) == 0 for a, b in zip(names[:-1], names[1:])),
+        "last_file": lambda s: s["journal"].get(names[-1], 0) > 0,
+    }
+    out = tmp_path / "out"
+    for attempt in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        frozen = kill_when(start(base, adapter, out, *GGUF_SPLIT, "--quiet"), out, moments[moment])
+        if frozen is not None:
+            break
+    assert frozen is not None, f"never caught the moment {moment!r}"
+    assert ".streammerge" in frozen["names"] and RECORD not in frozen["names"]
+    for name in frozen["names"]:  # a file under its final name is complete
+        if name.endswith(".gguf"):
+            assert (out / name).read_bytes() == reference[name], f"{name} has its final name but is not complete"
+    res = merge(base, adapter, out, *GGUF_SPLIT)
+    assert res.returncode == 0, res.stderr
+    done = int(res.stdout.split("resumed: ")[1].split("/")[0])
+    assert done >= frozen["tensors"]  # everything journaled before the kill was kept, not redone
+    ours, ref = files(out), dict(reference)
+    record, ref_record = json.loads(ours.pop(RECORD)), json.loads(ref.pop(RECORD))
+    assert ours == ref
+    assert record["files"] == ref_record["files"]

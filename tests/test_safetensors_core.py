@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from streammerge.errors import InputError
-from streammerge.io.safetensors import (
+from streammerge.formats.safetensors import (
     FROM_TORCH_NAME,
     TensorSpec,
     build_header,
@@ -179,7 +179,7 @@ def test_writer_drops_written_pages_and_keeps_the_bytes(tmp_path, monkeypatch, s
     import os
     import sys
 
-    from streammerge.io import safetensors as S
+    from streammerge.formats import safetensors as S
 
     if not sys.platform.startswith("linux"):
         pytest.skip("page-cache residency is checked with Linux's mincore")
@@ -215,7 +215,7 @@ def test_writer_raises_a_writeback_error(tmp_path, monkeypatch):
     fdatasync's, not swallowed by the fallback."""
     import errno
 
-    from streammerge.io import safetensors as S
+    from streammerge.formats import safetensors as S
 
     monkeypatch.setattr(S, "_SYNC_EVERY", 1 << 16)
     monkeypatch.setattr(S, "_sync_file_range", _failing_sync_file_range(errno.EIO))

@@ -1,0 +1,235 @@
+"""Planning for bitsandbytes weights: what each base weight becomes in the output.
+
+- A 4-bit / 8-bit base weight is one logical weight (its statistic tensors are consumed with it):
+  for a 16-bit output it is dequantized (``dequant``, or ``merge`` when LoRA terms apply).
+- ``--method merged_4bit``: the weights transformers quantizes become the tensors bitsandbytes saves
+  (packed weight + statistics, op ``quant``); an untouched 4-bit weight already in the requested
+  format is copied byte for byte. Everything else stays 16-bit and is listed in ``llm_int8_skip_modules``.
+- ``--base-roundtrip``: a targeted 16-bit weight that a 4-bit load would quantize is round-tripped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ..errors import OptionError, PlanError, UnsupportedError
+from ..formats.checkpoint import Checkpoint, TensorRef
+from ..formats.safetensors import FLOAT_DTYPES, FROM_TORCH_NAME, TORCH_NAME, TensorSpec
+from ..options import MergeOptions
+from .types import LoraTerm, OutputTensor, QuantIn, QuantOut, Roundtrip, Source
+from ..formats.codecs import bnb4, bnb4_quantize
+from ..formats.quantized import QuantizedWeight, base_quantization_config, config_dtype, find_quantized
+from .linear_modules import LinearModules, bnb4_quantization_config, linear_modules
+
+DEFAULT_QUANT_TYPE = "nf4"
+DEFAULT_BLOCKSIZE = 64
+DEFAULT_DOUBLE_QUANT = True
+
+Entry = tuple[TensorSpec, OutputTensor]
+
+
+def _part_of(weight: str, tensor_name: str) -> str:
+    if tensor_name == weight:
+        return "weight"
+    suffix = tensor_name[len(weight) + 1:]
+    return "quant_state" if suffix.startswith(bnb4.QUANT_STATE_PREFIX) else suffix
+
+
+def _module(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+def _the_one(values: list[Any]) -> Any:
+    """The value all entries share, or None when they disagree or there are none."""
+    distinct = set(values)
+    return values[0] if len(distinct) == 1 else None
+
+
+class QuantPlanner:
+    """Decides, from headers (plus each quant state's few hundred bytes), what every weight becomes."""
+
+    def __init__(self, checkpoint: Checkpoint, options: MergeOptions):
+        self.checkpoint = checkpoint
+        self.options = options
+        self.weights: dict[str, QuantizedWeight] = find_quantized(checkpoint)
+        self.companions = {c for q in self.weights.values() for c in q.companions}
+        self.base_qconfig = base_quantization_config(checkpoint.config)
+        self._linear: LinearModules | None | bool = False  # False: not computed yet
+        self.targets4: set[str] = set()
+        if options.method == "merged_4bit":
+            self.format4 = self._output_format()
+            self.targets4 = self._targets4()
+        if options.base_roundtrip is not None and self.weights:
+            raise OptionError(
+                f"--base-roundtrip replaces 16-bit base weights by their 4-bit round trip, but {checkpoint.root} "
+                "is already quantized: merge onto it directly (its weights are what the adapter was trained on)"
+            )
+
+    # ------------------------------------------------------------------ what the base is
+
+    def is_companion(self, name: str) -> bool:
+        return name in self.companions
+
+    def logical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Base tensor shapes as the model sees them (a quantized weight has its original shape)."""
+        return {
+            name: (self.weights[name].shape if name in self.weights else tuple(ref.info.shape))
+            for name, ref in self.checkpoint.tensors.items()
+            if name not in self.companions
+        }
+
+    def linear(self) -> LinearModules | None:
+        if self._linear is False:
+            skip = (self.base_qconfig or {}).get("llm_int8_skip_modules")
+            self._linear = linear_modules(self.checkpoint.config, skip)
+        return self._linear  # type: ignore[return-value]
+
+    def _require_linear(self, why: str) -> LinearModules:
+        lm = self.linear()
+        if lm is None:
+            arch = (self.checkpoint.config or {}).get("architectures") or (self.checkpoint.config or {}).get("model_type")
+            raise UnsupportedError(
+                f"{why} needs transformers' list of the model's linear layers, but transformers cannot build "
+                f"the model class of {self.checkpoint.root} (config.json architectures: {arch!r})"
+            )
+        return lm
+
+    def int8_dtype(self) -> str:
+        """Output dtype of a dequantized 8-bit weight: config.json's dtype, else the base's float tensors'."""
+        dtype = config_dtype(self.checkpoint.config)
+        if dtype is not None:
+            return dtype
+        floats = Counter(
+            ref.info.dtype for name, ref in self.checkpoint.tensors.items()
+            if name not in self.weights and name not in self.companions and ref.info.dtype in ("BF16", "F16", "F32")
+        )
+        return TORCH_NAME[floats.most_common(1)[0][0]] if floats else "float16"
+
+    # ------------------------------------------------------------------ merged_4bit settings
+
+    def _output_format(self) -> tuple[str, int, bool]:
+        """(quant_type, blocksize, double_quant): options, else the base's 4-bit weights, else its
+        quantization_config, else nf4 / 64 / double quant."""
+        o = self.options
+        b4 = [q.format for q in self.weights.values() if q.codec == "bnb4"]
+        qc = self.base_qconfig if (self.base_qconfig or {}).get("load_in_4bit") else {}
+        qt = o.quant_type or _the_one([f.quant_type for f in b4]) or qc.get("bnb_4bit_quant_type") or DEFAULT_QUANT_TYPE
+        bs = o.blocksize or _the_one([f.blocksize for f in b4]) or DEFAULT_BLOCKSIZE
+        dq = o.double_quant
+        if dq is None:
+            dq = _the_one([f.nested for f in b4])
+        if dq is None:
+            dq = qc.get("bnb_4bit_use_double_quant", DEFAULT_DOUBLE_QUANT)
+        return str(qt), int(bs), bool(dq)
+
+    def _targets4(self) -> set[str]:
+        """Weights that are 4-bit in a merged_4bit output: the base's quantized weights, or for a 16-bit
+        base the ones transformers' BitsAndBytesConfig(load_in_4bit=True) would quantize."""
+        if self.weights:
+            return set(self.weights)
+        lm = self._require_linear("--method merged_4bit from a 16-bit base")
+        if lm.conv1d:
+            raise UnsupportedError(
+                f"--method merged_4bit: {len(lm.conv1d)} Conv1D layer(s) (GPT-2 style, e.g. {sorted(lm.conv1d)[0]!r}) "
+                "would be quantized transposed, which cannot be streamed yet; use --method merged_16bit"
+            )
+        names = {f"{m}.weight" for m in lm.quantized}
+        missing = sorted(n for n in names if n not in self.checkpoint.tensors)
+        if missing:
+            raise UnsupportedError(
+                f"--method merged_4bit: transformers would quantize {missing[0]!r} but the checkpoint has no such "
+                "tensor (its names differ from the model's); use --method merged_16bit"
+            )
+        for n in names:
+            info = self.checkpoint.tensors[n].info
+            if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+                raise PlanError(f"{n}: expected a floating-point 2-D linear weight, got {info.dtype} {list(info.shape)}")
+        return names
+
+    def skip_modules(self, plan_tensors: list[OutputTensor]) -> list[str]:
+        """Modules kept 16-bit in a merged_4bit output: every linear layer not quantized in it (per
+        transformers, when it can build the model) and every module with a 16-bit >= 2-D weight."""
+        quantized = {_module(n) for n in self.targets4}
+        skip = set()
+        lm = self.linear()
+        if lm is not None:
+            skip |= set(lm.linear) - quantized
+        for t in plan_tensors:
+            if t.quant_out is None and t.name.endswith(".weight") and len(t.shape) >= 2 and t.dtype in FLOAT_DTYPES:
+                skip.add(_module(t.name))
+        return sorted(skip - quantized)
+
+    def quantization_config(self, plan_tensors: list[OutputTensor], model_dtype: str) -> dict[str, Any]:
+        qt, _, dq = self.format4
+        qc = self.base_qconfig if (self.base_qconfig or {}).get("load_in_4bit") else {}
+        compute = qc.get("bnb_4bit_compute_dtype") or model_dtype
+        return bnb4_quantization_config(
+            quant_type=qt, double_quant=dq, compute_dtype=compute, quant_storage="uint8",
+            skip_modules=self.skip_modules(plan_tensors),
+        )
+
+    # ------------------------------------------------------------------ entries
+
+    def roundtrip_for(self, name: str, loras: tuple[LoraTerm, ...]) -> Roundtrip | None:
+        rt = self.options.base_roundtrip
+        if rt is None or not loras:
+            return None
+        lm = self._require_linear("--base-roundtrip")
+        if _module(name) not in lm.quantized:
+            return None  # a 4-bit load keeps it 16-bit (lm_head, embeddings...): QLoRA trained against W itself
+        if _module(name) in lm.conv1d:
+            raise UnsupportedError(f"--base-roundtrip: {name} is a Conv1D weight (stored transposed); not supported yet")
+        bs = self.options.blocksize or DEFAULT_BLOCKSIZE
+        dq = DEFAULT_DOUBLE_QUANT if self.options.double_quant is None else self.options.double_quant
+        return Roundtrip(rt, bs, dq)
+
+    def entries(self, name: str, ref: TensorRef, loras: tuple[LoraTerm, ...]) -> list[Entry] | None:
+        """The output tensors for base tensor `name`; None when it is a plain tensor (caller's rules)."""
+        q = self.weights.get(name)
+        if name in self.targets4:
+            return self._quant4(name, ref, q, loras)
+        if q is not None:
+            return [self._dequant(name, q, loras)]
+        return None
+
+    def _quant_in(self, q: QuantizedWeight) -> QuantIn:
+        return QuantIn(q.codec, q.format.to_json(), tuple(Source.of(r.file, r.info) for r in q.companions.values()))
+
+    def _dequant(self, name: str, q: QuantizedWeight, loras: tuple[LoraTerm, ...]) -> Entry:
+        dtype = FROM_TORCH_NAME[self.options.dtype or q.dtype or self.int8_dtype()]
+        op = "merge" if loras else "dequant"
+        out = OutputTensor(name, dtype, q.shape, op, Source.of(q.packed.file, q.packed.info), loras,
+                           quant_in=self._quant_in(q))
+        return TensorSpec(name, dtype, q.shape), out
+
+    def _quant4(self, name: str, ref: TensorRef, q: QuantizedWeight | None, loras: tuple[LoraTerm, ...]) -> list[Entry]:
+        qt, bs, dq = self.format4
+        if q is None:
+            shape, dtype = tuple(ref.info.shape), self.options.dtype or TORCH_NAME[ref.info.dtype]
+        else:
+            shape, dtype = q.shape, self.options.dtype or q.dtype or self.int8_dtype()
+        if q is not None and q.codec == "bnb4" and not loras:
+            f = q.format
+            if (f.quant_type, f.blocksize, f.nested, f.dtype, f.quant_storage) == (qt, bs, dq, dtype, "uint8"):
+                return [self._copy(n, r) for n, r in [(name, q.packed), *q.companions.items()]]
+        source = Source.of(ref.file, ref.info)
+        quant_in = self._quant_in(q) if q is not None else None
+        roundtrip = self.roundtrip_for(name, loras) if q is None else None
+        out = []
+        for spec in bnb4_quantize.bnb4_output_specs(name, shape, qt, bs, dq, dtype, "uint8"):
+            part = _part_of(name, spec.name)
+            qo = QuantOut(part, name, tuple(shape), qt, bs, dq, dtype)
+            sdtype = FROM_TORCH_NAME[spec.dtype]
+            if part == "weight":
+                t = OutputTensor(spec.name, sdtype, spec.shape, "quant", source, loras,
+                                 quant_in=quant_in, quant_out=qo, roundtrip=roundtrip)
+            else:  # derived from the weight's statistics; the weight's entry carries source and LoRA terms
+                t = OutputTensor(spec.name, sdtype, spec.shape, "quant", source, quant_out=qo)
+            out.append((TensorSpec(spec.name, sdtype, spec.shape), t))
+        return out
+
+    @staticmethod
+    def _copy(name: str, ref: TensorRef) -> Entry:
+        spec = TensorSpec(name, ref.info.dtype, tuple(ref.info.shape))
+        return spec, OutputTensor(name, ref.info.dtype, spec.shape, "copy", Source.of(ref.file, ref.info))
