@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import threading
 import time
 import warnings
@@ -29,6 +28,7 @@ from .formats.folder import (
 from .formats.safetensors import DISK_FULL_ERRNOS, fsync_dir
 from .network import guarded
 from .options import AdapterArg, MergeOptions, adapter_specs
+from .run.record import gguf_record, merge_record
 from .run.result import MergeResult, peak_rss_bytes
 from .planning.types import MergePlan
 from .planning.build import build_adapter_plan, build_plan
@@ -127,6 +127,7 @@ def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **option
 def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | Path):
     """Free space against what a merge into `out` still has to write (for `streammerge plan`):
     shards an interrupted or finished merge of the same inputs there has committed count as done."""
+    from .run import disk as space
     from .run import journal as jr
 
     out = Path(out)
@@ -141,7 +142,7 @@ def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | P
     ours = isinstance(old, dict) and not jr.differences(old, jr.fingerprint(checkpoint, adapters, plan.options, old.get("device")))
     if ours:
         finished = committed
-    return jr.disk_need(plan, out, finished=finished, ours=ours,
+    return space.disk_need(plan, out, finished=finished, ours=ours,
                         extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
 
 
@@ -173,8 +174,10 @@ def merge(
     downloaded once merged and, with `push_to_hub`, uploads and deletes each output shard as it is
     finished. `push_to_hub="org/name"` uploads the result with a model card (`private`, `push_revision`).
     """
-    from .run import journal as jr
     from .hub.run import HubRun
+    from .run import disk as space
+    from .run import journal as jr
+    from .run.lock import OutputLock
 
     opts = MergeOptions.create(**options)
     if push_to_hub:
@@ -206,7 +209,7 @@ def merge(
     check_output_path(out, protected=[checkpoint.root, *(a.path for a in loaded)])
     fp = jr.fingerprint(checkpoint, loaded, opts, device.type)
     _check_cancel(cancel)
-    with jr.OutputLock(out) as lock:
+    with OutputLock(out) as lock:
         run = _open_run(out, the_plan, fp, overwrite=overwrite, cancel=cancel)
         if isinstance(run, MergeResult):  # OUT already holds this merge
             if gplan is not None:
@@ -224,7 +227,7 @@ def merge(
         if hub.inputs is not None:
             hub.check_disk_space()  # output and downloads, per filesystem
         else:
-            need = jr.disk_need(the_plan, out, finished=resume.finished, extra_bytes=_small_files_bytes(checkpoint, others))
+            need = space.disk_need(the_plan, out, finished=resume.finished, extra_bytes=_small_files_bytes(checkpoint, others))
             if not need.ok:
                 raise OutputError(f"not enough disk space for --out {out}: {need.line()}; free space or choose another --out")
         hub.prepare_push()  # create the target repo now: a token problem fails before the merge
@@ -262,11 +265,9 @@ def merge(
             by_name.update({s.filename: {"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards})
             shards = [by_name[s.filename] for s in the_plan.shards]
             if gplan is not None:
-                from .run.gguf_merge import gguf_record
-
                 record = gguf_record(gplan, loaded, shards, copied, device, stats.seconds, checkpoint)
             else:
-                record = _record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint,
+                record = merge_record(the_plan, loaded, shards, copied, device, checkpoint=checkpoint,
                                  adapter_digests=[a["files"] for a in fp["adapters"]])
             record.update(hub.record())
             record["fingerprint"] = fp
@@ -281,7 +282,7 @@ def merge(
             if isinstance(exc, OSError) and exc.errno not in DISK_FULL_ERRNOS:
                 raise OutputError(f"writing {out}: {exc.strerror or exc}; re-run the same command to resume") from None
             cause = exc.strerror if isinstance(exc, OSError) else str(exc)
-            need = jr.disk_need(the_plan, out, finished=run.committed)
+            need = space.disk_need(the_plan, out, finished=run.committed)
             raise DiskFullError(
                 f"no space left on the device of --out {out} ({cause}); {run.tensors_done}/{len(the_plan.tensors)} "
                 f"tensors are done and journaled; the rest {need.line()}; free space and re-run the same command to resume"
@@ -467,52 +468,3 @@ def verify(
     report = verifier.run()
     report.peak_rss_bytes = peak_rss_bytes()
     return report
-
-
-def _record(plan: MergePlan, adapters: list[Adapter], shards: list[dict], copied: list[str], device, checkpoint=None,
-            adapter_digests: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """streammerge.json: what was merged, from what, how, and the checksums of what was written."""
-    import safetensors
-    import torch
-
-    from .hub.client import hub_origin
-
-    sizes = {str(f.path): f.size for f in checkpoint.files} if checkpoint is not None else {}
-    base_files = sorted(f for f in {t.source.file for t in plan.tensors} if f in sizes or Path(f).parent == Path(plan.base))
-    base = {"path": plan.base, "files": [{"name": Path(f).name, "size": sizes.get(f) or Path(f).stat().st_size} for f in base_files]}
-    if getattr(checkpoint, "source", None) is not None:
-        base["hub"] = checkpoint.source.to_record()
-    return {
-        "streammerge_version": __version__,
-        "method": plan.options.method,
-        "base": base,
-        "adapters": [
-            {"path": str(a.path), "weight": a.weight, "files": adapter_digests[i] if adapter_digests else a.file_digests(),
-             **({"hub": h} if (h := hub_origin(a.path)) else {})}
-            for i, a in enumerate(adapters)
-        ],
-        "options": plan.options.to_dict(),
-        "device": str(device),
-        "tensors": plan.counts(),
-        "coverage": {**plan.coverage(), "terms": plan.term_counts()},
-        "untied": [list(p) for p in plan.untied],
-        "total_size": plan.total_size,
-        "shards": shards,
-        "copied_files": copied,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peft": _version_of("peft"),
-            "safetensors": safetensors.__version__,
-        },
-    }
-
-
-def _version_of(package: str) -> str | None:
-    """An installed package's version, without importing it (importing peft costs seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None

@@ -24,6 +24,7 @@ import pytest
 
 import streammerge
 from streammerge import api
+from streammerge.run import disk as space
 from streammerge.run import journal as jr
 from streammerge.errors import DiskFullError, OutputError
 
@@ -480,7 +481,7 @@ def test_disk_check_counts_what_remains(case, tmp_path, monkeypatch):
     base, adapter = case
     plan = streammerge.plan(base, [adapter], max_shard_size="1500KB")
     total, largest = plan.file_bytes, max(s.size for s in plan.shards)
-    need = jr.disk_need(plan, tmp_path / "nowhere" / "out")
+    need = space.disk_need(plan, tmp_path / "nowhere" / "out")
     assert need.to_write == total and need.headroom == largest and need.where == tmp_path
 
     class Usage:
@@ -492,7 +493,7 @@ def test_disk_check_counts_what_remains(case, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / ".streammerge").exists()  # refused before anything was written
 
     half = {s.filename for s in plan.shards[: len(plan.shards) // 2]}
-    assert jr.disk_need(plan, tmp_path / "out", finished=half).to_write == total - sum(
+    assert space.disk_need(plan, tmp_path / "out", finished=half).to_write == total - sum(
         s.size for s in plan.shards if s.filename in half)
 
 

@@ -9,12 +9,9 @@ first).
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from pathlib import Path
-from typing import Any
 
-from ..version import __version__
 from ..errors import AdapterError
 from ..options import MergeOptions, format_size
 from ..planning.gguf import GGUFPlan, build_gguf_plan, summary_lines
@@ -67,46 +64,3 @@ def result_line(result) -> str:
         f"peak RSS {format_size(result.peak_rss_bytes)}"
         + (f"; pushed: {result.pushed}" if getattr(result, "pushed", None) else "")
     )
-
-
-def gguf_record(gplan: GGUFPlan, adapters, files: list[dict], copied: list[str], device, seconds: float,
-                checkpoint=None) -> dict[str, Any]:
-    """streammerge.json of a GGUF merge: type, architecture, tokenizer, inputs and the files' checksums."""
-    import gguf
-    import torch
-
-    from ..hub.client import hub_origin
-
-    mp = gplan.merge_plan
-    sizes = {str(f.path): f.size for f in checkpoint.files} if checkpoint is not None else {}
-    base = {"path": mp.base, "files": [{"name": Path(f).name, "size": sizes.get(f) or Path(f).stat().st_size}
-                                       for f in sorted({t.source.file for t in mp.tensors})]}
-    if getattr(checkpoint, "source", None) is not None:  # a Hub base: repo and commit
-        base["hub"] = checkpoint.source.to_record()
-    return {
-        "streammerge_version": __version__,
-        "method": "gguf",
-        "gguf": {"type": gplan.gguf_type, "architecture": gplan.arch, "tokenizer": gplan.vocab,
-                 "dropped": list(gplan.dropped), "notes": list(gplan.notes)},
-        "base": base,
-        "adapters": [{"path": str(a.path), "weight": a.weight, "files": a.file_digests(),
-                      **({"hub": h} if (h := hub_origin(a.path)) else {})} for a in adapters],
-        "options": mp.options.to_dict(),
-        "device": str(device),
-        "tensors": len(gplan.tensors),
-        "merged_tensors": sum(1 for t in gplan.tensors if t.source is not None and t.source.loras),
-        "seconds": round(seconds, 3),
-        "files": files,
-        "copied_files": copied,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "gguf": getattr(gguf, "__version__", _dist_version("gguf"))},
-    }
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"

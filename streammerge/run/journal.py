@@ -22,7 +22,6 @@ is simply redone (and the reread restores the shard's running sha256 for the res
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -31,21 +30,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..version import __version__
 from ..errors import Interrupted, OutputError
 from ..formats.folder import RECORD_FILE, atomic_write_json
 from ..formats.safetensors import fsync_dir, release_cache
-from ..options import MergeOptions, format_size
+from ..options import MergeOptions
 from ..planning.types import MergePlan, OutputShard
 from ..planning.build import resize_shard
 from .containers import header_bytes
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no folder lock
-    fcntl = None
 
 STATE_DIR = ".streammerge"
 PLAN_FILE = "plan.json"
@@ -140,59 +134,6 @@ def layout(plan: MergePlan) -> list[Any]:
         [s.filename, s.size, s.header_size, [[t.name, t.dtype, list(t.shape), t.op, t.start, t.end] for t in s.tensors]]
         for s in plan.shards
     ]
-
-
-# ---------------------------------------------------------------------------------------- lock
-
-
-class OutputLock:
-    """Exclusive use of an output folder: a non-blocking `flock` on the folder itself.
-
-    The lock lives on the directory (not on a file inside it) so that clearing the folder for
-    --overwrite or removing the state folder at the end never lets a second merge in.
-    """
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self._fd = -1
-        if fcntl is None:
-            return
-        self._fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            self._fd = -1
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return  # a filesystem without locks (some network mounts): run unprotected, as before
-            pid = self.holder()
-            who = f"another streammerge merge (pid {pid})" if pid else "another streammerge merge"
-            raise OutputError(
-                f"{who} is writing --out {self.out}; wait for it to finish or stop it "
-                "(one merge per output folder at a time)"
-            ) from None
-
-    def holder(self) -> int | None:
-        try:
-            return int((state_dir(self.out) / PID_FILE).read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def note_pid(self) -> None:
-        """Record our pid (for the other merge's error message); the state folder must exist."""
-        path = state_dir(self.out) / PID_FILE
-        path.write_text(f"{os.getpid()}\n")
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = -1
-
-    def __enter__(self) -> "OutputLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # ------------------------------------------------------------------------------------- journal
@@ -544,60 +485,3 @@ def read_record(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-# ------------------------------------------------------------------------------------------ disk
-
-
-@dataclass(frozen=True)
-class DiskNeed:
-    to_write: int  # bytes still to be written (shards not finished, less space already reserved)
-    headroom: int  # the largest shard, kept free on top
-    free: int
-    where: Path
-
-    @property
-    def needed(self) -> int:
-        return self.to_write + self.headroom
-
-    @property
-    def ok(self) -> bool:
-        return self.free >= self.needed
-
-    def line(self) -> str:
-        verdict = "ok" if self.ok else "NOT ENOUGH"
-        return (f"needs {format_size(self.needed)} ({format_size(self.to_write)} to write + "
-                f"{format_size(self.headroom)} headroom for the largest shard), "
-                f"free {format_size(self.free)} in {self.where} ({verdict})")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _allocated(path: Path, cap: int) -> int:
-    try:
-        return min(os.stat(path).st_blocks * 512, cap)
-    except OSError:
-        return 0
-
-
-def disk_need(plan: MergePlan, out: Path, *, finished: Iterable[str] = (), extra_bytes: int = 0,
-              ours: bool = True, usage: Callable[[Path], Any] | None = None) -> DiskNeed:
-    """Space the rest of the merge needs: unfinished shards (less what their files already hold
-    on disk, when `ours`: they belong to this merge) plus `extra_bytes` (config, tokenizer), with
-    the largest shard as headroom."""
-    done = set(finished)
-    to_write = extra_bytes
-    for shard in plan.shards:
-        if shard.filename in done:
-            continue
-        # A final-named file of an unfinished shard is replaced only at rename: its space is not reusable.
-        held = _allocated(partial_path(Path(out) / shard.filename), shard.size) if ours else 0
-        to_write += shard.size - held
-    where = _existing_ancestor(Path(out))
-    headroom = max((s.size for s in plan.shards), default=0)
-    return DiskNeed(max(to_write, 0), headroom, (usage or shutil.disk_usage)(where).free, where)
