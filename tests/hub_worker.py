@@ -16,7 +16,15 @@ import torch
 
 
 def _tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.exists() else 0
+    """Bytes under `root`; a file the download renames or the eviction deletes while we walk counts as gone."""
+    total = 0
+    for p in root.rglob("*") if root.exists() else ():
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def low_disk_executor(args: dict) -> dict:
