@@ -83,7 +83,6 @@ def test_registered_codec_plans_and_merges(rowq8, llama_case, tmp_path):
     assert config["quantization_config"]["quant_method"] == "rowq8"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17, open: the verifier has no check of encoded tensors yet")
 def test_registered_codec_verifies(rowq8, llama_case, tmp_path):
     base, adapter = llama_case.base_path, llama_case.adapter_path
     out = streammerge.merge(base, [adapter], tmp_path / "out", method="merged_rowq8", device="cpu").out

@@ -209,6 +209,12 @@ def chunk_rows(gguf, t: GGUFTensor, budget: int, fixed: int, max_rows: int | Non
     rows for a bitsandbytes source; PlanError if even one unit does not fit."""
     src, decoded = _source_per_element(t)
     per_row = t.width * (READ_BUFFERS * src + decoded + (4 if t.permute_heads else 0) + _encoded_per_element(gguf, t.ggml_type))
+    return fit_rows(t, budget, fixed, per_row, max_rows, "for")
+
+
+def fit_rows(t: GGUFTensor, budget: int, fixed: int, per_row: int | float, max_rows: int | None, purpose: str) -> int:
+    """As many whole units of rows (`row_unit`) as `budget` holds beside `fixed`, at most `max_rows`
+    (when set) and the tensor's rows; PlanError naming `purpose` ("for", "to verify") if not one."""
     unit = row_unit(t)
     rows = int((budget - fixed) // max(per_row, 1))
     if max_rows is not None:
@@ -217,7 +223,7 @@ def chunk_rows(gguf, t: GGUFTensor, budget: int, fixed: int, max_rows: int | Non
     if rows < min(unit, t.rows):
         need = fixed + per_row * unit
         raise PlanError(
-            f"--max-memory {format_size(budget)} is too small for {t.name}: one chunk of {unit} row(s) needs "
+            f"--max-memory {format_size(budget)} is too small {purpose} {t.name}: one chunk of {unit} row(s) needs "
             f"{format_size(need)}; use at least --max-memory {math.ceil(need / 1e6)}MB"
         )
     return max(rows, 1)

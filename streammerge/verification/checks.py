@@ -33,6 +33,7 @@ import torch
 from .. import ops
 from ..formats.safetensors import FROM_TORCH_NAME, ITEMSIZE
 from ..planning.types import OutputTensor
+from ..formats import codecs
 from ..formats.codecs import bnb4
 from ..planning import streaming as qs
 from ..planning.streaming import factor_bytes, needs_prepass
@@ -52,6 +53,7 @@ from .verifier import (
     _torch_dtype,
 )
 
+ENCODED_F32_ROWS = 8  # float32 rows per chunk row of an encoded tensor's check (see decoded_row_bytes)
 RTILES = 6  # float32 work tiles of a recompute check: acc, scratch, W, |Δ| bound, O, bound
 # bytes per tile element: the tiles, and the per-tile temporaries (float64 sums, masks, 4-bit codes and
 # their per-element bounds, the dequantized codes) that live while one tile is compared
@@ -66,31 +68,37 @@ def base_dtype_name(t: OutputTensor) -> str:
         if t.quant_in.codec == "bnb4":
             return FROM_TORCH_NAME[bnb4.Bnb4Format.from_json(t.quant_in.format).dtype]
         return "F32"  # int8_vectorwise_dequant returns float32
-    return t.source.dtype
+    return t.source.dtype if t.source is not None else "F32"
 
 
 def base_row_bytes(t: OutputTensor) -> int:
     width = _rows_and_width(t.weight_shape)[1]
     if t.quant_in is not None:
         return -(-width // 2) + 1 if t.quant_in.codec == "bnb4" else width
-    return width * ITEMSIZE[t.source.dtype]
+    return width * ITEMSIZE[t.source.dtype] if t.source is not None else 0
 
 
 def out_row_bytes(t: OutputTensor) -> int:
     width = _rows_and_width(t.weight_shape)[1]
     if t.quant_out is not None:
         return -(-width // 2) + 1 if t.quant_out.part == "weight" else 0
+    if t.encoding is not None:
+        return codecs.get(t.encoding).row_bytes(width)
     return width * ITEMSIZE[t.dtype]
 
 
 def alignment(t: OutputTensor) -> int:
-    return qs.row_alignment(t) if qs.involves_quant(t) else 1
+    return qs.row_alignment(t) if qs.involves_quant(t) or t.encoding is not None else 1
 
 
 def decoded_row_bytes(t: OutputTensor) -> int:
     """float32 rows a chunk decodes to at once (bitsandbytes / round-trip sources), beyond the raw bytes."""
     width = _rows_and_width(t.weight_shape)[1]
-    return 2 * 4 * width if (t.quant_in is not None or t.roundtrip is not None) else 0
+    total = 2 * 4 * width if (t.quant_in is not None or t.roundtrip is not None) else 0
+    if t.encoding is not None:  # expected, base, delta, decoded, tolerance, a hypothesis, temporaries; the encoding
+        codec = codecs.get(t.encoding)
+        total += ENCODED_F32_ROWS * 4 * width + codec.work_bytes(width) + codec.row_bytes(width)
+    return total
 
 
 def state_bytes(t: OutputTensor) -> int:
@@ -101,6 +109,9 @@ def state_bytes(t: OutputTensor) -> int:
         total += n_blocks * (4 + 4 + 4 + 4)  # stored absmax, decoded, e_a, block temporaries
     if needs_prepass(t):
         total += 8 * _rows_and_width(t.weight_shape)[1]
+    if t.encoding is not None:  # a quantizer's temporaries that do not scale with the chunk
+        group = getattr(codecs.get(t.encoding), "group_work_bytes", None)
+        total += group(_rows_and_width(t.weight_shape)[1]) if group else 0
     return total
 
 
@@ -406,15 +417,8 @@ class RecomputeCheck(TensorCheck):
         err = torch.sub(o, acc, out=scratch).abs_()
         bad = err > bound
         self._block_check(chunk, a, b, acc, ab, bad)
-        n_bad = int(bad.sum())
         ratio = err / bound
-        if n_bad:
-            rows_bad = bad.any(dim=1).nonzero()
-            self.bad += n_bad
-            self.bad_rows += len(rows_bad)
-            if self.first_bad is None:
-                self.first_bad = r0 + int(rows_bad[0, 0])
-            self.excess.update(ratio, r0, o, acc, bound)
+        self._count(bad, ratio, r0, o, acc, bound)
         self.worst = max(self.worst, float(ratio.max()) if err.numel() else 0.0)
         del ratio
         self.sum_bb += float(torch.linalg.vector_norm(bound, dtype=torch.float64) ** 2)
@@ -425,6 +429,17 @@ class RecomputeCheck(TensorCheck):
         q64, d64 = q.reshape(-1).double(), d.reshape(-1).double()  # float64: the fit below subtracts these sums
         self.sum_qd += float(torch.dot(q64, d64))
         del q64, d64
+
+    def _count(self, bad: torch.Tensor, ratio: torch.Tensor, r0: int, o: torch.Tensor, e: torch.Tensor, bound: torch.Tensor) -> None:
+        """Elements out of bound in a tile starting at row r0: counted, their rows counted, the worst kept."""
+        n_bad = int(bad.sum())
+        if n_bad:
+            rows_bad = bad.any(dim=1).nonzero()
+            self.bad += n_bad
+            self.bad_rows += len(rows_bad)
+            if self.first_bad is None:
+                self.first_bad = r0 + int(rows_bad[0, 0])
+            self.excess.update(ratio, r0, o, e, bound)
 
     def _block_check(self, chunk, a, b, e, ab, bad) -> None:
         """4-bit outputs check each block's absmax here."""
@@ -497,6 +512,10 @@ def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None
         return None
     if any(term.kind not in KNOWN_KINDS for term in t.loras):
         return None
+    if t.encoding is not None:
+        from .encoded import EncodedCheck
+
+        return EncodedCheck if codecs.find(t.encoding) is not None else None
     if t.op == "quant":
         if t.quant_out is None:
             return None

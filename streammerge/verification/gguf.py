@@ -9,23 +9,12 @@ per head, Gemma norms + 1, embedding rows trimmed). OUT is then checked in one s
   `general.*` keys (name, size label, ...) that differ are notes, not faults.
 * Structure: every planned tensor present once with the planned GGUF name, type and shape; nothing extra.
 * Values, in row chunks (whole heads for permuted tensors): the expected float32 rows are computed
-  from the base with the merge's own math (`terms.TensorMath`, the chunk math of both executors),
-  then shifted and permuted by this module's own implementation of llama.cpp's rules, and encoded
-  with the gguf package's quantizers. Tolerance policy (documented in the README):
-    - exact: the stored bytes equal that encoding. Every file streammerge writes passes this way.
-    - otherwise the stored rows are decoded (`gguf.quants.dequantize`) and each element compared with
-      the expected value: float types within the output rounding (plus one bf16 rounding of the
-      merge, for tools that round the merge to 16 bits first); Q8_0/Q4_0 within half the block's
-      quantization step (a whole step where Q4_0 clamps) plus the same 16-bit allowance. Tensors no
-      adapter changes must be byte-exact in float types (a conversion of the same values is
-      deterministic). Merged tensors must also pass a correlation test: the error R = stored −
-      expected may not line up with the delta D (|Σ R·D| ≤ z·√Σ tol²·D², z² = 72), which finds a
-      missing or rescaled delta far below the per-element tolerance.
-    Such tolerated tensors pass with a note (another tool wrote them).
-* Fault diagnosis of a failing tensor, by testing the alternatives on the same chunks: "not
-  permuted" / "permutation wrong" (q/k), "norm +1 missing" (Gemma), "delta missing", "scale off by
-  k×" (least-squares fit of stored − base against the delta), "bytes differ" / "values differ" (N
-  rows, the first named) and "wrong delta".
+  from the base with the merge's own math (`terms.TensorMath`), shifted and permuted by the
+  verifier's own implementation of llama.cpp's rules, and judged by `encoded.EncodedEvidence`
+  with the tensor type's codec (its encoding, decoding and tolerance; the same evidence checks a
+  codec's tensors in safetensors shards). Tolerated tensors (not byte-identical, within the step)
+  pass with a note; failures are diagnosed there ("not permuted", "norm +1 missing", "delta
+  missing", "scale off by k×", ...).
 * With `streammerge.json`: each recorded file's sha256 (hashed during the same pass) and the
   recorded inputs, method and --gguf-type.
 
@@ -44,27 +33,25 @@ import hashlib
 import math
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..console import terminal
 from .. import ops
-from ..errors import InputError, OptionError, PlanError, UnsupportedError
+from ..errors import InputError, OptionError, UnsupportedError
 from ..formats.folder import RECORD_FILE
 from ..formats.safetensors import ITEMSIZE, TORCH_NAME
-from ..options import MergeOptions, format_size
-from .verifier import CONFIDENCE, LOCALIZED_FRACTION, Fault, TensorResult, TimedRun, VerifyReport, _fmt_factor
+from ..options import MergeOptions
+from ..formats import codecs
+from .encoded import EncodedEvidence, EncodedSpec, other_head_counts, permute_rows, unpermute_rows
+from .report import pass_notes
+from .verifier import Fault, TensorResult, TimedRun, VerifyReport
 from ..planning import streaming as qs
-from ..planning.gguf import QUANT_GROUP_ROWS, QUANT_ROW_COST, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor, row_unit
+from ..planning.gguf import QUANT_GROUP_ROWS, QUANT_ROW_COST, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor, fit_rows
 
-U16 = 2.0**-8  # unit roundoff of bfloat16: another tool may round the merge to 16 bits before encoding
-UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
-Z2 = 2 * CONFIDENCE  # correlation test: |Σ R·D| ≤ √(Z2 · Σ tol²·D²)
-QUANT_SLACK = 0.07  # the block scale is stored as f16: q·(fp16(d) − d) ≤ 127·2⁻¹¹·d
 F32_BUFFERS = 8  # float32 row buffers per chunk: expected, base, delta, stored, tolerance, hypotheses, temps
 HASH_PIECE = 1 << 20
 COSMETIC_KEYS = ("general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
@@ -113,228 +100,6 @@ def verify_gguf(base, adapters, out: Path, options: MergeOptions, *, check_recor
     verifier = GGUFVerifier(gplan, Path(out), checkpoint, loaded, device=resolve_device(options.device),
                             check_record=check_record, progress=progress)
     return verifier.run()
-
-
-# ------------------------------------------------------------------------------ the tensor math
-
-
-def permute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's q/k permutation (HF rotate-half -> Meta interleaved) by explicit row index:
-    result row h·d + 2j + i is input row h·d + i·d/2 + j."""
-    return rows[_permutation(rows.shape[0], heads, rows.device)]
-
-
-def unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `permute_rows`."""
-    out = torch.empty_like(rows)
-    out[_permutation(rows.shape[0], heads, rows.device)] = rows
-    return out
-
-
-def _permutation(n: int, heads: int, device) -> torch.Tensor:
-    d = n // heads
-    h = torch.arange(heads, device=device).view(heads, 1, 1)
-    j = torch.arange(d // 2, device=device).view(1, d // 2, 1)
-    i = torch.arange(2, device=device).view(1, 1, 2)
-    return (h * d + i * (d // 2) + j).reshape(-1)
-
-
-def encode_rows(rows: torch.Tensor, ggml_type: str, gguf) -> np.ndarray:
-    """float32 rows -> the bytes the gguf package stores for `ggml_type` (uint8, one row per row)."""
-    data = gguf.quants.quantize(rows.numpy(), gguf.GGMLQuantizationType[ggml_type])
-    return np.ascontiguousarray(data).view(np.uint8).reshape(rows.shape[0], -1)
-
-
-def decode_rows(raw: np.ndarray, ggml_type: str, width: int, gguf) -> torch.Tensor:
-    """Stored bytes (uint8, one row per row) -> float32 rows."""
-    if ggml_type == "BF16":  # exact widening, done by torch
-        return torch.from_numpy(raw.copy()).view(torch.bfloat16).float().reshape(raw.shape[0], width)
-    data = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ggml_type])
-    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(raw.shape[0], width)
-
-
-def tolerance(expected: torch.Tensor, delta: torch.Tensor | None, ggml_type: str, block: int) -> torch.Tensor:
-    """Per element: how far a correct encoding of `expected` may be from it (see the module docstring)."""
-    mag = expected.abs()
-    if ggml_type in UNIT_ROUNDOFF:
-        tol = UNIT_ROUNDOFF[ggml_type] * mag
-        if delta is not None:  # another tool may round the merge (or the delta) to 16 bits first
-            tol += U16 * (mag + delta.abs())
-        finfo = torch.finfo(getattr(torch, TORCH_NAME[ggml_type]))
-        return tol.add_(finfo.smallest_normal * finfo.eps)
-    rows, width = expected.shape
-    blocks = mag.reshape(rows, width // block, block)
-    amax = blocks.amax(dim=2, keepdim=True)
-    levels = 127.0 if ggml_type == "Q8_0" else 8.0
-    step = (amax / levels).expand_as(blocks)
-    tol = (0.5 + QUANT_SLACK) * step
-    if ggml_type == "Q4_0":  # values at the far end of the range may be clamped one step
-        tol = tol + torch.where(blocks >= (levels - 0.5) * step, 0.5 * step, torch.zeros_like(step))
-    return (tol.reshape(rows, width) + U16 * mag).add_(1e-30)
-
-
-def bad_elements(stored: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
-    """Mask of elements beyond tolerance (non-finite values must match exactly)."""
-    ok = (stored - expected).abs() <= tol
-    ok |= stored == expected
-    ok |= torch.isnan(stored) & torch.isnan(expected)
-    return ~ok
-
-
-# ----------------------------------------------------------------------------- per-tensor check
-
-
-@dataclass
-class TensorState:
-    """Streamed evidence about one tensor (sums in float64 on the host)."""
-
-    tensor: GGUFTensor
-    merged: bool
-    other_heads: tuple[int, ...] = ()  # head counts a wrong q/k permutation may have used
-    exact: bool = True
-    bad_elements: int = 0
-    bad_rows: int = 0
-    first_bad_row: int | None = None
-    worst: float = 0.0  # max |stored − expected| / tol
-    alternatives: dict[str, int] = field(default_factory=dict)  # hypothesis -> elements beyond tolerance
-    sum_rd: float = 0.0  # Σ R·D, R = stored − expected
-    sum_t2d2: float = 0.0  # Σ tol²·D²
-    sum_d2: float = 0.0  # Σ D²
-    sum_gd: float = 0.0  # Σ (stored − base)·D
-    sum_g2: float = 0.0  # Σ (stored − base)²
-    sum_t2: float = 0.0  # Σ tol²
-
-    def alternative_hypotheses(self, heads_in_chunk: int, chunk_rows: int) -> dict[str, Any]:
-        """What a broken writer would have stored, each as the map from those stored rows back to
-        the rows a correct writer stores (so the result compares with the expected rows)."""
-        t = self.tensor
-        out: dict[str, Any] = {}
-        if t.permute_heads:
-            h = heads_in_chunk
-            out["not permuted"] = lambda g: permute_rows(g, h)
-            out["inverse permutation"] = lambda g: permute_rows(permute_rows(g, h), h)
-            for other in self.other_heads:
-                if other != t.permute_heads and (other * chunk_rows) % t.rows == 0:
-                    h2 = other * chunk_rows // t.rows
-                    if h2 and chunk_rows % (2 * h2) == 0:
-                        out[f"permuted with {other} heads"] = lambda g, h2=h2: permute_rows(unpermute_rows(g, h2), h)
-        if t.shift:
-            out["shift missing"] = lambda g: g + t.shift
-        return out
-
-    def feed(self, r0: int, stored_raw: np.ndarray, expected: torch.Tensor, base: torch.Tensor | None,
-             encoded: np.ndarray, heads_in_chunk: int, gguf, block: int) -> None:
-        t = self.tensor
-        delta = expected - base if base is not None else None
-        same = np.array_equal(stored_raw, encoded)
-        if delta is not None or not same:
-            tol = tolerance(expected, delta, t.ggml_type, block)
-        if delta is not None:
-            d2 = delta.double().square()
-            self.sum_d2 += float(d2.sum())
-            self.sum_t2d2 += float((tol.double().square() * d2).sum())
-            self.sum_t2 += float(tol.double().square().sum())
-        if same:
-            if delta is not None:  # stored = expected within rounding: count it as such in the fit
-                self.sum_gd += float(d2.sum())
-                self.sum_g2 += float(d2.sum())
-            return
-        self.exact = False
-        g = decode_rows(stored_raw, t.ggml_type, t.width, gguf)
-        bad = bad_elements(g, expected, tol)
-        n_bad = int(bad.sum())
-        if n_bad:
-            self.bad_elements += n_bad
-            rows_bad = bad.any(dim=1).nonzero()
-            self.bad_rows += len(rows_bad)
-            if self.first_bad_row is None:
-                self.first_bad_row = r0 + int(rows_bad[0, 0])
-        ratio = ((g - expected).abs() / tol).nan_to_num(nan=math.inf)
-        self.worst = max(self.worst, float(ratio.max()) if ratio.numel() else 0.0)
-        if delta is not None:
-            r = (g - expected).double()
-            dd = delta.double()
-            self.sum_rd += float((r * dd).sum())
-            g0 = (g - base).double()
-            self.sum_gd += float((g0 * dd).sum())
-            self.sum_g2 += float(g0.nan_to_num(posinf=1e300, neginf=-1e300).square().sum())
-        for name, undo in self.alternative_hypotheses(heads_in_chunk, expected.shape[0]).items():
-            self.alternatives[name] = self.alternatives.get(name, 0) + int(bad_elements(undo(g), expected, tol).sum())
-
-    # -- verdict
-
-    @property
-    def correlation_bound(self) -> float:
-        return math.sqrt(Z2 * self.sum_t2d2)
-
-    @property
-    def resolvable(self) -> bool:
-        """A missing delta would fail the correlation test (or the element test)."""
-        return not self.merged or self.sum_d2 > self.correlation_bound
-
-    def finish(self) -> tuple[TensorResult, Fault | None, bool]:
-        """(result, fault, tolerated): tolerated = passed without being byte-exact."""
-        t = self.tensor
-        op = "merge" if self.merged else "copy"
-        exact_required = not self.merged and t.ggml_type in UNIT_ROUNDOFF
-        correlated = self.merged and abs(self.sum_rd) > self.correlation_bound
-        ok = self.exact or (not exact_required and self.bad_elements == 0 and not correlated)
-        margin = None if self.exact else round(self.worst, 4) if math.isfinite(self.worst) else None
-        result = TensorResult(t.name, op, ok, margin=margin, resolvable=self.resolvable)
-        if ok:
-            return result, None, not self.exact
-        return result, self._diagnose(exact_required), False
-
-    def _rounded(self, k: float) -> float:
-        """k to one decimal when that is within the fit's own uncertainty (quantization noise)."""
-        spread = math.sqrt(self.sum_t2d2) / self.sum_d2 if self.sum_d2 > 0 else 0.0
-        return round(k, 1) if abs(k - round(k, 1)) <= max(0.02, 3 * spread) else k
-
-    def _diagnose(self, exact_required: bool) -> Fault:
-        t = self.tensor
-        data: dict[str, Any] = {"rows": t.rows, "rows_failing": self.bad_rows, "elements_failing": self.bad_elements,
-                                "type": t.ggml_type}
-        if "shift missing" in self.alternatives and self.alternatives["shift missing"] == 0:
-            return Fault("norm +1 missing", t.name,
-                         f"norm +1 missing: stored as w, llama.cpp's Gemma expects w + {t.shift:g} (Gemma's RMSNorm multiplies by 1 + w)", data)
-        if self.alternatives.get("not permuted") == 0:
-            return Fault("not permuted", t.name,
-                         f"not permuted: rows are in Hugging Face's rotate-half order; llama.cpp expects them permuted per head "
-                         f"({t.permute_heads} heads) to Meta's interleaved RoPE order", data)
-        wrong = [k for k, v in self.alternatives.items() if v == 0 and k.startswith(("permuted", "inverse"))]
-        if wrong:
-            return Fault("permutation wrong", t.name,
-                         f"permutation wrong: rows stored with the {wrong[0]}; llama.cpp expects them permuted per head "
-                         f"with {t.permute_heads} heads (HF rotate-half -> Meta interleaved)", {**data, "hypothesis": wrong[0]})
-        if self.merged and self.sum_d2 > 0 and self.resolvable:
-            k = self.sum_gd / self.sum_d2
-            resid = self.sum_g2 - k * self.sum_gd
-            data.update(fitted_scale=k)
-            if resid <= self.sum_t2:
-                if abs(k) < 0.05:
-                    return Fault("delta missing", t.name,
-                                 "delta missing: the stored weight is the base weight (within the type's rounding)", data)
-                if abs(k - 1) > 0.02:
-                    shown = _fmt_factor(self._rounded(k))
-                    return Fault("scale off", t.name,
-                                 f"scale off by {shown}× (the delta is applied {shown} times)", {**data, "factor": k})
-        where = f"first: row {self.first_bad_row}" if self.first_bad_row is not None else "within tolerance element-wise"
-        total = data["elements"] = t.rows * t.width
-        counted = f"{self.bad_elements} of {total} elements out of bound"
-        if exact_required:
-            return Fault("bytes differ", t.name, f"bytes differ from the {t.ggml_type} encoding of the base: {self.bad_elements or 'some'} "
-                         f"of {total} element(s) in {self.bad_rows or 'some'} of {t.rows} rows ({where})", data)
-        if 0 < self.bad_rows <= max(1, int(LOCALIZED_FRACTION * t.rows)):
-            what = "the rest matches base + adapters" if self.merged else "the rest matches the base"
-            return Fault("values differ", t.name, f"values differ: {counted} in {self.bad_rows} of {t.rows} rows ({where}); {what}",
-                         {**data, "first_row": self.first_bad_row})
-        if self.merged:
-            k = self.sum_gd / self.sum_d2 if self.sum_d2 > 0 else float("nan")
-            return Fault("wrong delta", t.name,
-                         f"wrong delta: the stored {t.ggml_type} values do not match base + adapters "
-                         f"({counted} in {self.bad_rows} of {t.rows} rows; fitted delta scale {k:.3g})", data)
-        return Fault("values differ", t.name, f"values differ from the {t.ggml_type} encoding of the base: {counted} in "
-                     f"{self.bad_rows} of {t.rows} rows ({where})", data)
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -428,17 +193,7 @@ class GGUFVerifier(TimedRun):
         hashes, results, tolerated = self._stream(found_files, found, record)
         if record is not None:
             self._check_record(record, hashes)
-        if tolerated:
-            self.notes.append(
-                f"{len(tolerated)} tensor(s) are not byte-identical to the gguf package's encoding of the expected values "
-                f"but within the type's rounding/quantization step (written by another tool?), e.g. {tolerated[0]}"
-            )
-        weak = [r.name for r in results if r.op == "merge" and not r.resolvable]
-        if weak:
-            self.notes.append(
-                f"{len(weak)} merged tensor(s) have a delta below the {self.plan.gguf_type} rounding, so applied and missing "
-                f"cannot be told apart there unless the file is byte-exact (e.g. {weak[0]})"
-            )
+        self.notes += pass_notes(tolerated, results, f"the {self.plan.gguf_type} rounding")
         mp = self.plan.merge_plan
         return GGUFVerifyReport(
             out=str(self.out), base=mp.base, adapters=[a.label for a in self.adapters], checks=self.checks,
@@ -580,18 +335,7 @@ class GGUFVerifier(TimedRun):
             else:
                 src = ITEMSIZE[t.source.source.dtype] if t.source is not None else 4
             per_row = int(t.width * (src + 4 * F32_BUFFERS)) + 3 * (t.nbytes // max(t.rows, 1))  # + stored, encoded ×2
-            unit = row_unit(t)
-            n = (budget - fixed) // max(per_row, 1)
-            if self.options.max_chunk_rows is not None:
-                n = min(n, max(self.options.max_chunk_rows, unit))
-            n = min(n // unit * unit, t.rows)
-            if n < min(unit, t.rows):
-                need = fixed + per_row * unit
-                raise PlanError(
-                    f"--max-memory {format_size(budget)} is too small to verify {t.name}: one chunk of {unit} row(s) needs "
-                    f"{format_size(need)}; use at least --max-memory {math.ceil(need / 1e6)}MB"
-                )
-            rows[t.name] = max(n, 1)
+            rows[t.name] = fit_rows(t, budget, fixed, per_row, self.options.max_chunk_rows, "to verify")
         return fixed, rows
 
     def _stream(self, files: list[FoundFile], found: dict[str, tuple[FoundFile, Any]], record):
@@ -655,10 +399,9 @@ class GGUFVerifier(TimedRun):
     def _check_tensor(self, t: GGUFTensor, ff: FoundFile, offset: int, step: int, tiles, TensorMath, hasher):
         merged = t.source is not None and bool(t.source.loras)
         config = self.checkpoint.config or {}
-        heads = {h for h in (config.get("num_attention_heads"), config.get("num_key_value_heads")) if isinstance(h, int) and h > 0}
-        heads = tuple(sorted(heads | {2 * t.permute_heads, t.permute_heads // 2} - {0})) if t.permute_heads else ()
-        state = TensorState(t, merged, heads)
-        block = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[t.ggml_type]][0]
+        heads = tuple(h for h in (config.get("num_attention_heads"), config.get("num_key_value_heads")) if isinstance(h, int) and h > 0)
+        spec = EncodedSpec(t.name, t.ggml_type, t.rows, t.width, t.permute_heads, t.shift)
+        state = EncodedEvidence(spec, codecs.get(t.ggml_type), merged, other_head_counts(t.permute_heads, heads))
         row_bytes = t.nbytes // max(t.rows, 1)
         math_ = TensorMath.load(t.source, self._read_source, self.device) if merged else None
         decoder = None
@@ -672,10 +415,9 @@ class GGUFVerifier(TimedRun):
                 hasher.update(raw)
             expected, base = self._expected_rows(t, r0, n, math_, tiles, decoder)
             in_chunk = t.permute_heads * n // t.rows if t.permute_heads else 0
-            encoded = encode_rows(expected, t.ggml_type, self.gguf)
-            stored = np.frombuffer(raw, dtype=np.uint8).reshape(n, row_bytes)
-            state.feed(r0, stored, expected, base if merged else None, encoded, in_chunk, self.gguf, block)
-            del raw, stored, encoded, expected, base
+            stored = torch.frombuffer(raw, dtype=torch.uint8).reshape(n, row_bytes)
+            state.feed(r0, stored, expected, base if merged else None, in_chunk)
+            del raw, stored, expected, base
         return state.finish()
 
     def _expected_rows(self, t: GGUFTensor, r0: int, n: int, math_, tiles,
@@ -796,4 +538,4 @@ def _show(f) -> str:
 
 
 __all__ = ["GGUFVerifier", "GGUFVerifyReport", "verify_gguf", "refuse_gguf_folder", "gguf_outputs",
-           "permute_rows", "unpermute_rows", "tolerance", "encode_rows", "decode_rows"]
+           "permute_rows", "unpermute_rows"]

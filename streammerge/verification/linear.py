@@ -144,15 +144,8 @@ class LinearElementCheck(RecomputeCheck):
             self.nonfinite += int((~fin_o & fin_e).sum())
             ratio.masked_fill_(~(fin_o & fin_e), 0.0)  # a non-finite expectation cannot be checked
         bad = ratio > 1.0
-        n_bad = int(bad.sum())
         self.worst = max(self.worst, float(ratio.max()))
-        if n_bad:
-            rows_bad = bad.any(dim=1).nonzero()
-            self.bad += n_bad
-            self.bad_rows += len(rows_bad)
-            if self.first_bad is None:
-                self.first_bad = r0 + int(rows_bad[0, 0])
-            self.excess.update(ratio, r0, o, acc, bound)
+        self._count(bad, ratio, r0, o, acc, bound)
 
     # -- diagnosis: one more pass over a failing tensor
 

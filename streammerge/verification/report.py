@@ -60,6 +60,7 @@ CHECK_LABELS = {
     "dequant": "dequantized 4/8-bit weights",
     "quant": "4-bit weights (quantization step)",
     "quant_stats": "4-bit statistics (code books, quant state)",
+    "encoded": "encoded tensors (codec's step)",
     "checksum": "shard checksums (streammerge.json)",
     "record": "recorded inputs (streammerge.json)",
 }
@@ -276,3 +277,21 @@ def _base_float_dtype(checkpoint: Checkpoint) -> str | None:
     dtypes = {ref.info.dtype for ref in checkpoint.tensors.values() if ref.info.dtype in FLOAT_DTYPES}
     return TORCH_NAME[dtypes.pop()] if len(dtypes) == 1 else None
 
+
+
+def pass_notes(tolerated: list[str], results: list[TensorResult], rounding: str) -> list[str]:
+    """The notes both verifiers add after their pass: tensors that passed within tolerance without
+    being byte-identical, and merged tensors whose delta hides under `rounding`."""
+    notes = []
+    if tolerated:
+        notes.append(
+            f"{len(tolerated)} encoded tensor(s) are not byte-identical to their codec's encoding of the expected "
+            f"values but within its rounding/quantization step (written by another tool?), e.g. {tolerated[0]}"
+        )
+    weak = [r.name for r in results if r.op == "merge" and not r.resolvable]
+    if weak:
+        notes.append(
+            f"{len(weak)} merged tensor(s) have a delta below {rounding}, so applied and missing cannot be told "
+            f"apart there unless the tensor is byte-exact (e.g. {weak[0]})"
+        )
+    return notes

@@ -26,6 +26,9 @@ class Codec:
     name: ClassVar[str] = ""
     method: ClassVar[str | None] = None  # the --method whose output this codec writes, if any
     description: ClassVar[str] = ""
+    # every correct writer stores the same bytes for the same float32 rows (a plain cast): an unmerged
+    # tensor must then be byte-exact, where another tool's quantizer may round a block differently
+    deterministic: ClassVar[bool] = False
 
     # -- layout
 

@@ -15,6 +15,8 @@ U16 = 2.0**-8  # bfloat16's unit roundoff: another tool may round the merge (or 
 
 
 class FloatCast(Codec):
+    deterministic = True
+
     def __init__(self, name: str, dtype: torch.dtype, unit_roundoff: float):
         self.name = name  # type: ignore[misc]
         self.dtype = dtype
