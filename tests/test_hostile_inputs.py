@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import streammerge
-from streammerge.adapters.load import read_legacy_bin
+from streammerge.adapters.legacy import read_legacy_bin
 from streammerge.errors import AdapterError, ExecutionError, InputError, PlanError
 from streammerge.formats.checkpoint import INDEX_FILE
 

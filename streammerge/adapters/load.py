@@ -22,7 +22,6 @@ from typing import Any
 
 from ..errors import AdapterError, UnsupportedError
 from ..formats.checkpoint import read_json, safe_member
-from .legacy import read_legacy_bin  # noqa: F401  (the one reader of adapter_model.bin)
 from ..formats.safetensors import FLOAT_DTYPES, TORCH_NAME, SafetensorsFile, TensorInfo, pread_exact, read_header
 from .config import fast_settings
 from .targets import PatternTable, TargetRules

@@ -31,15 +31,16 @@ import math
 import torch
 
 from .. import ops
-from ..formats.safetensors import FROM_TORCH_NAME, ITEMSIZE
+from ..formats.safetensors import ITEMSIZE
 from ..planning.types import OutputTensor
 from ..formats import codecs
-from ..formats.codecs import bnb4
 from ..planning import streaming as qs
 from ..planning.streaming import factor_bytes, needs_prepass
 from ..run.terms import TensorMath
-from .verifier import (
+from .base import (
     _UNIT_ROUNDOFF,
+    RTILES,
+    BaseRows,
     LOCALIZED_FRACTION,
     U32,
     Chunk,
@@ -54,21 +55,11 @@ from .verifier import (
 )
 
 ENCODED_F32_ROWS = 8  # float32 rows per chunk row of an encoded tensor's check (see decoded_row_bytes)
-RTILES = 6  # float32 work tiles of a recompute check: acc, scratch, W, |Δ| bound, O, bound
 # bytes per tile element: the tiles, and the per-tile temporaries (float64 sums, masks, 4-bit codes and
 # their per-element bounds, the dequantized codes) that live while one tile is compared
 RTILE_BYTES = RTILES * 4 + 96
 _F32_EXPONENT_BITS = 0x7F800000
 F32_TINY = torch.finfo(torch.float32).tiny
-
-
-def base_dtype_name(t: OutputTensor) -> str:
-    """Safetensors dtype of the base rows the math starts from (a decoded source: what bitsandbytes returns)."""
-    if t.quant_in is not None:
-        if t.quant_in.codec == "bnb4":
-            return FROM_TORCH_NAME[bnb4.Bnb4Format.from_json(t.quant_in.format).dtype]
-        return "F32"  # int8_vectorwise_dequant returns float32
-    return t.source.dtype if t.source is not None else "F32"
 
 
 def base_row_bytes(t: OutputTensor) -> int:
@@ -183,39 +174,6 @@ class ReplaceCheck(CastCheck):
         return super().expected(chunk, nbytes)
 
 
-
-
-# ------------------------------------------------------------------------------------ base rows
-
-
-class BaseRows:
-    """The base side of one tensor, a row range at a time: the bytes to read and the rows they decode to
-    (stored dtype for plain sources; float32 for bitsandbytes and round-tripped ones, as merge sees them)."""
-
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        self.t = tensor
-        self.width = _rows_and_width(tensor.weight_shape)[1]
-        self.decoder = qs.decoder(tensor, ctx.load, ctx.device) if tensor.quant_in is not None else None
-        self.roundtrip = qs.roundtrip(tensor, ctx.device) if tensor.roundtrip is not None else None
-        self.dtype = base_dtype_name(tensor)
-
-    @property
-    def needs_stats(self) -> bool:
-        return self.roundtrip is not None and self.roundtrip.needs_stats
-
-    def span(self, r0: int, r1: int) -> tuple[int, int]:
-        return qs.source_span(self.t, r0, r1)
-
-    def rows(self, view: memoryview, r0: int, r1: int, raw: bool = False) -> torch.Tensor:
-        n = r1 - r0
-        length = self.span(r0, r1)[1]
-        data = torch.frombuffer(view, dtype=torch.uint8, count=length) if length else torch.empty(0, dtype=torch.uint8)
-        if self.decoder is not None:
-            return self.decoder.rows(data, r0, r1)
-        base = data.view(_torch_dtype(self.t.source.dtype)).reshape(n, self.width)
-        if self.roundtrip is not None and not raw:
-            return self.roundtrip.rows(base, r0)
-        return base
 
 
 def _abs_term(term):
@@ -499,35 +457,3 @@ class RecomputeCheck(TensorCheck):
         return Fault("wrong delta", name, f"wrong delta: the change from the base does not match base + adapters: {counted} "
                      f"in {self.bad_rows} of {self.rows} rows (correlation {corr:.2f}, size {observed / expected:.3g}× the expected)",
                      data)
-
-
-def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None:
-    """The check for one planned tensor (None: this verifier cannot check it). Plain linear LoRA merges
-    are checked element by element (`LinearElementCheck`), or by the probe test with `fast`."""
-    from .linear import LinearElementCheck
-    from .probe import PROBED_KINDS, LinearLoraCheck
-    from .quant import QuantPartCheck, QuantWeightCheck
-
-    if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
-        return None
-    if any(term.kind not in KNOWN_KINDS for term in t.loras):
-        return None
-    if t.encoding is not None:
-        from .encoded import EncodedCheck
-
-        return EncodedCheck if codecs.find(t.encoding) is not None else None
-    if t.op == "quant":
-        if t.quant_out is None:
-            return None
-        return QuantWeightCheck if t.quant_out.part == "weight" else QuantPartCheck
-    if t.op == "merge":
-        probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
-        if probed:
-            return LinearLoraCheck if fast else LinearElementCheck
-        return RecomputeCheck
-    if t.op in ("bias_add", "token_rows", "dequant"):
-        return RecomputeCheck
-    return {"copy": BytesCheck, "cast": CastCheck, "replace": ReplaceCheck}.get(t.op)
-
-
-KNOWN_KINDS = ("lora", "embedding", "dora", "moe", "bias", "token_rows")

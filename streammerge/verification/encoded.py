@@ -29,7 +29,7 @@ from ..formats import codecs
 from ..planning import streaming as qs
 from ..planning.types import OutputTensor
 from .report import Fault, TensorResult
-from .verifier import CONFIDENCE, LOCALIZED_FRACTION, Chunk, Context, TensorCheck, _fmt_factor, _rows_and_width
+from .base import CONFIDENCE, LOCALIZED_FRACTION, BaseRows, Chunk, Context, TensorCheck, _fmt_factor, _rows_and_width
 
 Z2 = 2 * CONFIDENCE  # correlation test: |Σ R·D| ≤ √(Z2 · Σ tol²·D²)
 
@@ -274,8 +274,6 @@ class EncodedCheck(TensorCheck):
     def _base_rows(self):
         if self.tensor.op == "constant":
             return ConstantRows(self.tensor)
-        from .checks import BaseRows
-
         return BaseRows(self.tensor, self.ctx)
 
     def out_span(self, r0: int, r1: int) -> tuple[int, int]:

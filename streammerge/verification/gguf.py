@@ -48,7 +48,7 @@ from ..options import MergeOptions
 from ..formats import codecs
 from .encoded import EncodedEvidence, EncodedSpec, other_head_counts, permute_rows, unpermute_rows
 from .report import pass_notes
-from .verifier import Fault, TensorResult, TimedRun, VerifyReport
+from .base import Fault, TensorResult, TimedRun, VerifyReport
 from ..planning import streaming as qs
 from ..planning.gguf import QUANT_GROUP_ROWS, QUANT_ROW_COST, QUANT_TEMPORARIES, GGUFFile, GGUFPlan, GGUFTensor, fit_rows
 
@@ -482,7 +482,7 @@ class GGUFVerifier(TimedRun):
         return record
 
     def _check_record(self, record: dict[str, Any], hashes: dict[str, str]) -> None:
-        from .verifier import record_faults
+        from .report import record_faults
 
         wanted = _recorded_files(record)
         for fname, sha in wanted.items():

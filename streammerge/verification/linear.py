@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from .verifier import LOCALIZED_FRACTION, U32, Chunk, Context, Fault, TensorResult
+from .base import LOCALIZED_FRACTION, U32, Chunk, Context, Fault, TensorResult
 from .checks import RecomputeCheck
 from .probe import scale_fault
 

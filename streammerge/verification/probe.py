@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..planning.types import OutputTensor
-from .verifier import (
+from .base import (
     _F64_EXPONENT_BITS,
     _UNIT_ROUNDOFF,
     CONFIDENCE,

@@ -24,7 +24,7 @@ from ..formats.safetensors import FROM_TORCH_NAME
 from ..planning.types import OutputTensor
 from ..formats.codecs import bnb4, bnb4_quantize
 from ..planning import streaming as qs
-from .verifier import _UNIT_ROUNDOFF, U32, Chunk, Context, Fault, TensorCheck, TensorResult, _torch_dtype
+from .base import _UNIT_ROUNDOFF, U32, Chunk, Context, Fault, TensorCheck, TensorResult, _torch_dtype
 from .checks import RecomputeCheck, _half_ulp
 
 DYNAMIC_MAP_GAP = 0.0141  # largest gap between adjacent values of bitsandbytes' 8-bit dynamic map (0.01406)

@@ -34,59 +34,39 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..console import terminal
 from ..adapters.load import Adapter
 from ..errors import InputError, PlanError
+from ..formats import codecs
 from ..formats.checkpoint import Checkpoint, safe_member
 from ..formats.folder import RECORD_FILE
-from ..formats.safetensors import ITEMSIZE, TORCH_NAME, SafetensorsFile, TensorInfo, pread_exact, release_cache
+from ..formats.safetensors import ITEMSIZE, SafetensorsFile, TensorInfo
 from ..options import format_size
 from ..planning.types import MergePlan, OutputTensor
-from .report import (
-    BASIC_CHECKS,
-    CHECK_LABELS,
-    Fault,
-    OutputFiles,
-    TensorResult,
-    VerifyReport,
-    _base_float_dtype,
-    _files_text,
-    _shape_ok,
-    load_record,
-    open_output,
-    pass_notes,
-    record_faults,
+from .base import PROBES, TEMPORARIES_SHARE, TILE_ELEMENTS, TILES, Chunk, Context, TensorCheck, TimedRun, _rows_and_width
+from .checks import (
+    RTILE_BYTES,
+    BytesCheck,
+    CastCheck,
+    RecomputeCheck,
+    ReplaceCheck,
+    alignment,
+    base_row_bytes,
+    decoded_row_bytes,
+    out_row_bytes,
+    state_bytes,
 )
-
-PROBES = 4
-CONFIDENCE = 36.0  # -ln(false-alarm probability) of each statistical test
-ROW_FACTOR = 1 + 2 * math.sqrt(CONFIDENCE) + 2 * CONFIDENCE  # per-row bound on r²/σ² (= 85)
-TILE_ELEMENTS = 1 << 18  # float64 working tiles: at most 2 MB each, smaller for small budgets
-TILES = 3
-TEMPORARIES_SHARE = 16  # 1/16 of the budget is kept for the per-tile temporaries
-U32 = 2.0**-24
-LOCALIZED_FRACTION = 0.05  # a fault confined to at most this share of rows is "values differ in N rows"
-
-_F64_EXPONENT_BITS = 0x7FF0000000000000
-_UNIT_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "BF16": 2.0**-8, "F16": 2.0**-11}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, TORCH_NAME[name])
-
-
-def _rows_and_width(shape: Sequence[int]) -> tuple[int, int]:
-    return (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-
+from .encoded import EncodedCheck
+from .linear import LinearElementCheck
+from .probe import PROBED_KINDS, LinearLoraCheck
+from .quant import QuantPartCheck, QuantWeightCheck
+from .report import Fault, TensorResult, VerifyReport, _shape_ok, load_record, open_output, pass_notes, record_faults
 
 # ----------------------------------------------------------------------------------- memory layout
 
@@ -108,8 +88,6 @@ class VerifyLayout:
 
 def _row_cost(tensor: OutputTensor) -> int:
     """Chunk-buffer bytes per row: OUT's row, the base's row, a cast scratch, decoded float32 rows."""
-    from .checks import base_row_bytes, decoded_row_bytes, out_row_bytes
-
     if tensor.quant_out is not None and tensor.quant_out.part != "weight":
         return 1  # statistic tensors are streamed as bytes
     out_b = out_row_bytes(tensor)
@@ -128,9 +106,6 @@ def _merge_fixed_bytes(tensor: OutputTensor, probes: int) -> int:
 
 
 def verify_layout(plan: MergePlan, probes: int, fast: bool = False) -> VerifyLayout:
-    from .checks import RTILE_BYTES, RecomputeCheck, alignment, check_class, state_bytes
-    from .encoded import EncodedCheck
-    from .probe import LinearLoraCheck
 
     classes = {t.name: check_class(t, fast) for t in plan.tensors}
     merges = [t for t in plan.tensors if classes[t.name] is LinearLoraCheck]
@@ -145,9 +120,7 @@ def verify_layout(plan: MergePlan, probes: int, fast: bool = False) -> VerifyLay
     fixed = TILES * tile * 8 + RTILE_BYTES * rtile
     fixed += max([_merge_fixed_bytes(t, probes) for t in merges] + [state_bytes(t) for t in recomputes] + [0])
     fixed += budget // TEMPORARIES_SHARE  # small per-tile results (probe products, row norms, sums)
-    from .checks import alignment as _align
-
-    widest = max((_align(t) * _row_cost(t) for t in plan.tensors), default=1)
+    widest = max((alignment(t) * _row_cost(t) for t in plan.tensors), default=1)
     largest = max((_rows_and_width(t.weight_shape)[0] * _row_cost(t) for t in plan.tensors), default=1)
     chunk = budget - fixed
     if chunk < widest:
@@ -160,115 +133,9 @@ def verify_layout(plan: MergePlan, probes: int, fast: bool = False) -> VerifyLay
     return VerifyLayout(min(chunk, max(largest, 1)), tile, fixed, rtile)
 
 
-# ---------------------------------------------------------------------------------- tensor checks
-
-
-@dataclass
-class Chunk:
-    """Row chunk [row_start, row_start + rows) of one tensor: OUT's bytes and the base's bytes."""
-
-    row_start: int
-    rows: int
-    out: memoryview
-    base: memoryview
-    scratch: memoryview
-
-
-class Context:
-    """What checks share: the device, probe settings, float64 tiles and a reader for factors."""
-
-    def __init__(self, device: torch.device, probes: int, seed: int, tile_elements: int, read: Callable[[str, int, memoryview], None],
-                 rtile_elements: int = 0, out_tensors: dict[str, tuple[str, TensorInfo]] | None = None,
-                 head_counts: tuple[int, ...] = ()):
-        from .checks import RTILES
-
-        self.device = device
-        self.probes = probes
-        self.seed = seed
-        self.read = read
-        # W', W (then W' − W), and the power of two of each element of W'
-        self.tiles = [torch.empty(tile_elements, dtype=torch.float64, device=device) for _ in range(TILES)]
-        self.rtiles = [torch.empty(rtile_elements, dtype=torch.float32, device=device) for _ in range(RTILES if rtile_elements else 0)]
-        self.out_tensors = out_tensors or {}
-        self.head_counts = head_counts  # the config's attention head counts (hypotheses of a wrong q/k permutation)
-
-    def load(self, src) -> torch.Tensor:
-        """A whole input tensor (LoRA factors, statistics), on the host in its stored dtype."""
-        buf = bytearray(src.end - src.start)
-        self.read(src.file, src.start, memoryview(buf))
-        if not buf:
-            return torch.empty(src.shape, dtype=_torch_dtype(src.dtype))
-        return torch.frombuffer(buf, dtype=_torch_dtype(src.dtype)).reshape(src.shape)
-
-    def out_tensor(self, name: str) -> torch.Tensor | None:
-        """A small tensor of OUT (a 4-bit weight's statistics), None when missing or misshapen."""
-        where = self.out_tensors.get(name)
-        if where is None:
-            return None
-        path, info = where
-        buf = bytearray(info.end - info.start)
-        self.read(path, info.start, memoryview(buf))
-        if not buf:
-            return torch.empty(tuple(info.shape), dtype=_torch_dtype(info.dtype))
-        return torch.frombuffer(buf, dtype=_torch_dtype(info.dtype)).reshape(tuple(info.shape))
-
-
-def _as_tensor(view: memoryview, dtype: str, rows: int, width: int) -> torch.Tensor:
-    if rows * width == 0:
-        return torch.empty((rows, width), dtype=_torch_dtype(dtype))
-    raw = torch.frombuffer(view, dtype=torch.uint8, count=rows * width * ITEMSIZE[dtype])
-    return raw.view(_torch_dtype(dtype)).reshape(rows, width)
-
-
-class TensorCheck(ABC):
-    """Streams one output tensor's row chunks against what the plan says it must hold."""
-
-    category = ""  # the report's row (CHECK_LABELS); the op by default
-    needs_prepass = False  # True: `prepass(row_start, base_rows)` sees every base row before `feed`
-    tolerated = False  # set by `finish`: passed within tolerance without being byte-exact (another tool's encoding)
-
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        self.tensor = tensor
-        self.ctx = ctx
-        self.category = self.category or tensor.op
-        self.rows, self.width = _rows_and_width(tensor.weight_shape)
-        self.align = 1  # chunks start at multiples of this many rows
-        self.base = self._base_rows()
-
-    def _base_rows(self):
-        """How the base's rows are read (None: the check reads only OUT's bytes, as one row of bytes)."""
-        from .checks import BaseRows
-
-        return BaseRows(self.tensor, self.ctx)
-
-    def out_span(self, r0: int, r1: int) -> tuple[int, int]:
-        """(offset in OUT's tensor, length) of rows [r0, r1)."""
-        row = self.width * ITEMSIZE[self.tensor.dtype]
-        return r0 * row, (r1 - r0) * row
-
-    def prepass(self, row_start: int, base_rows: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def again(self) -> bool:
-        """Called after each full pass over the rows: True asks for one more (a failing tensor's diagnosis)."""
-        return False
-
-    @abstractmethod
-    def feed(self, chunk: Chunk) -> None: ...
-
-    @abstractmethod
-    def finish(self) -> tuple[TensorResult, Fault | list[Fault] | None]: ...
-
-
-def _fmt_factor(k: float) -> str:
-    return f"{k:.1f}" if abs(k - round(k, 1)) < 0.005 else f"{k:.3g}"
-
-
 def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
     """Operations, LoRA term kinds and codecs this verifier has no check for, with the tensors using
     them: refusing them beats a check that cannot fail. (`verify_checks.check_class` picks the checks.)"""
-    from .checks import KNOWN_KINDS, check_class
-
     out: dict[str, list[str]] = {}
     for t in plan.tensors:
         if check_class(t) is not None:
@@ -284,49 +151,30 @@ def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
 
 
 
-# ------------------------------------------------------------------------------------------ the pass
+def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None:
+    """The check for one planned tensor (None: this verifier cannot check it). Plain linear LoRA merges
+    are checked element by element (`LinearElementCheck`), or by the probe test with `fast`."""
+    if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
+        return None
+    if any(term.kind not in KNOWN_KINDS for term in t.loras):
+        return None
+    if t.encoding is not None:
+        return EncodedCheck if codecs.find(t.encoding) is not None else None
+    if t.op == "quant":
+        if t.quant_out is None:
+            return None
+        return QuantWeightCheck if t.quant_out.part == "weight" else QuantPartCheck
+    if t.op == "merge":
+        probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
+        if probed:
+            return LinearLoraCheck if fast else LinearElementCheck
+        return RecomputeCheck
+    if t.op in ("bias_add", "token_rows", "dequant"):
+        return RecomputeCheck
+    return {"copy": BytesCheck, "cast": CastCheck, "replace": ReplaceCheck}.get(t.op)
 
 
-class TimedRun:
-    """What the safetensors and GGUF verifiers share: positioned reads through cached descriptors
-    (page cache released behind them, bytes counted), and `run()` around a subclass's `_run()`
-    (fixed malloc threshold, descriptors closed whatever happens, time recorded)."""
-
-    _fds: dict[str, int]
-    _bar: Any
-    bytes_read: int
-
-    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
-        pread_exact(fd, view, offset, path)
-        release_cache(fd, offset, len(view))
-        self.bytes_read += len(view)
-        if progress and self._bar is not None:
-            self._bar.update(len(view))
-
-
-    def run(self) -> VerifyReport:
-        from ..run.pipeline import fix_malloc_threshold
-
-        fix_malloc_threshold()
-        started = time.perf_counter()
-        try:
-            report = self._run()
-        finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-        report.seconds = time.perf_counter() - started
-        report.bytes_read = self.bytes_read
-        return report
-
-    def _run(self) -> VerifyReport:
-        raise NotImplementedError
+KNOWN_KINDS = ("lora", "embedding", "dora", "moe", "bias", "token_rows")
 
 
 class Verifier(TimedRun):
@@ -503,8 +351,6 @@ class Verifier(TimedRun):
     def _check_tensor(self, tensor: OutputTensor, info: TensorInfo, f: SafetensorsFile, ctx: Context, buffer: bytearray,
                       hasher) -> tuple[str, TensorResult, list[Fault]]:
         """Stream one tensor of OUT (and the base rows its check needs) through its check."""
-        from .checks import check_class
-
         check = check_class(tensor, self.fast)(tensor, ctx)
         path = str(f.path)
         view = memoryview(buffer)

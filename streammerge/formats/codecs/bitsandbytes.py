@@ -11,7 +11,6 @@ Statistics are decoded once per tensor, on the CPU, so that every device sees th
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Callable
 
 import torch
