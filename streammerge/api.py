@@ -433,7 +433,8 @@ def verify(
     (`report.mode` says which ran; GGUF outputs are always checked element by element).
     Faults in `out` are reported, not raised; bad inputs (base, adapters, options) raise as in `merge`."""
     from .run.pipeline import resolve_device
-    from .verification.verifier import Verifier, unverifiable
+    from .verification.dispatch import unverifiable
+    from .verification.verifier import Verifier
 
     opts = MergeOptions.create(**options)
     out = Path(out)
@@ -446,16 +447,17 @@ def verify(
             f"verify: {out} holds an interrupted merge (its resume state is in {state_dir(out)}), not a finished "
             "model; run the same merge command again to finish it, then verify"
         )
-    from .verification.gguf import refuse_gguf_folder, verify_gguf
+    from .verification.gguf import refuse_gguf_folder
 
-    if opts.method == "gguf":  # GGUF files: checked against the GGUF plan (streammerge/gguf/verify.py)
-        report = verify_gguf(base, adapters, out, opts, check_record=check_record, progress=not quiet)
-        if fast:
-            report.notes.append("--fast has no probe test for GGUF outputs: every element was checked")
-        report.peak_rss_bytes = peak_rss_bytes()
-        return report
-    refuse_gguf_folder(out, opts)
-    checkpoint, loaded, the_plan = _load(base, adapters, opts)
+    gguf_fast = fast and opts.method == "gguf"
+    if opts.method == "gguf":  # GGUF files: the GGUF plan's output (its files as shards of the "gguf" container)
+        from .run.gguf_merge import plan_gguf
+
+        checkpoint, loaded, _, gguf_plan = plan_gguf(base, adapters, opts)
+        the_plan, fast = gguf_plan.output, False
+    else:
+        refuse_gguf_folder(out, opts)
+        checkpoint, loaded, the_plan = _load(base, adapters, opts)
     missing = unverifiable(the_plan)
     if missing:  # anything without a check is refused, never passed unchecked
         from .errors import UnsupportedError
@@ -466,5 +468,7 @@ def verify(
     verifier = Verifier(the_plan, out, checkpoint, loaded, device=device, probes=probes, seed=seed,
                         check_record=check_record, progress=not quiet, fast=fast)
     report = verifier.run()
+    if gguf_fast:
+        report.notes.append("--fast has no probe test for GGUF outputs: every element was checked")
     report.peak_rss_bytes = peak_rss_bytes()
     return report

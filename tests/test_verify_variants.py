@@ -139,7 +139,7 @@ def test_replaced_by_other_adapters_tensor(variant, make_adapter, tmp_path):
 
 def test_unknown_ops_are_refused(variant):
     """Anything without a check is refused by name, never passed unchecked."""
-    from streammerge.verification.verifier import unverifiable
+    from streammerge.verification.dispatch import unverifiable
 
     base, case, _, _ = variant("lora-bias")
     plan = streammerge.plan(str(base), [str(case.adapter_path)])

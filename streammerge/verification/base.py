@@ -1,25 +1,21 @@
 """What every verify check stands on: constants of the bounds, a chunk of rows, the context checks
-share, the `TensorCheck` protocol, the base side of a tensor (`BaseRows`), and `TimedRun` (positioned
-reads, timing) that both container passes (`verifier`, `gguf`) run on. Imports nothing of its
-siblings but `report`, so that checks and passes import it one way."""
+share, the `TensorCheck` protocol and the base side of a tensor (`BaseRows`). Imports nothing of its
+siblings but `report`, so that the checks and the pass import it one way."""
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..errors import InputError
-from ..formats.codecs import bnb4
-from ..formats.safetensors import FROM_TORCH_NAME, ITEMSIZE, TORCH_NAME, TensorInfo, pread_exact, release_cache
+from ..formats import codecs
+from ..formats.safetensors import ITEMSIZE, TORCH_NAME, TensorInfo
 from ..planning import streaming as qs
 from ..planning.types import OutputTensor
-from .report import Fault, TensorResult, VerifyReport
+from .report import Fault, TensorResult
 
 PROBES = 4
 CONFIDENCE = 36.0  # -ln(false-alarm probability) of each statistical test
@@ -147,9 +143,7 @@ def _fmt_factor(k: float) -> str:
 def base_dtype_name(t: OutputTensor) -> str:
     """Safetensors dtype of the base rows the math starts from (a decoded source: what bitsandbytes returns)."""
     if t.quant_in is not None:
-        if t.quant_in.codec == "bnb4":
-            return FROM_TORCH_NAME[bnb4.Bnb4Format.from_json(t.quant_in.format).dtype]
-        return "F32"  # int8_vectorwise_dequant returns float32
+        return codecs.get(t.quant_in.codec).decoded_dtype(t.quant_in.format)
     return t.source.dtype if t.source is not None else "F32"
 
 
@@ -184,48 +178,3 @@ class BaseRows:
         if self.roundtrip is not None and not raw:
             return self.roundtrip.rows(base, r0)
         return base
-
-
-# ------------------------------------------------------------------------------------------ the pass
-
-
-class TimedRun:
-    """What the safetensors and GGUF verifiers share: positioned reads through cached descriptors
-    (page cache released behind them, bytes counted), and `run()` around a subclass's `_run()`
-    (fixed malloc threshold, descriptors closed whatever happens, time recorded)."""
-
-    _fds: dict[str, int]
-    _bar: Any
-    bytes_read: int
-
-    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
-        pread_exact(fd, view, offset, path)
-        release_cache(fd, offset, len(view))
-        self.bytes_read += len(view)
-        if progress and self._bar is not None:
-            self._bar.update(len(view))
-
-
-    def run(self) -> VerifyReport:
-        from ..run.pipeline import fix_malloc_threshold
-
-        fix_malloc_threshold()
-        started = time.perf_counter()
-        try:
-            report = self._run()
-        finally:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-        report.seconds = time.perf_counter() - started
-        report.bytes_read = self.bytes_read
-        return report
-
-    def _run(self) -> VerifyReport:
-        raise NotImplementedError

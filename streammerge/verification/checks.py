@@ -1,10 +1,10 @@
 """Element-wise verify checks: bytes of copied and cast tensors, recomputation of merged rows.
 
 Every merged tensor is checked here by recomputing the expected rows in float32 (plain linear LoRA:
-`verify_linear.LinearElementCheck`, with a GEMM; everything else with the merge's pure math,
+`linear.LinearElementCheck`, with a GEMM; everything else with the merge's pure math,
 `terms.TensorMath` / `ops`, which are chunk-invariant), streaming row tiles, and comparing element
 by element with a bound that any correct tool's output meets (`verify --fast` checks plain linear
-LoRA merges with the probe test of `verify_probe` instead):
+LoRA merges with the probe test of `probe` instead):
 
 * `BytesCheck` / `CastCheck` / `ReplaceCheck`: copied tensors, cast tensors (torch's round to nearest
   even) and modules_to_save / saved embeddings byte for byte.

@@ -32,8 +32,8 @@ expected one in all but a few places, or at most 5 % of the rows fail), or "wron
 are tested only when the fault is large in sum (Σ(O − E)² > Σb²): a few wrong elements are named as
 such, never mistaken for a wrong scale.
 
-Memory: the recompute tiles of `verify_checks` (six float32 tiles of `rtile_elements`, their
-temporaries), the terms' float32 factors and their absolute values (`verify_checks.state_bytes`).
+Memory: the recompute tiles of `checks` (six float32 tiles of `rtile_elements`, their
+temporaries), the terms' float32 factors and their absolute values (`checks.state_bytes`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ first, and float32 delta arithmetic. Since X is independent of those errors, r�
 row's rᵢ² exceeds 85·σᵢ², or when Σr² exceeds the Laurent–Massart bound Σσ² + 2√(36·Σσ⁴) + 72·max σ²:
 a correct merge trips either with probability below e⁻³⁶ per test. The smallest detectable fault
 is a delta error of about u·‖W'ᵢ‖ per row: a bound on a whole row, so a few wrong elements of a
-row hide under it (the default element-wise check, `verify_linear`, finds them). A missing delta
+row hide under it (the default element-wise check, `linear`, finds them). A missing delta
 is found down to ‖ΔW‖/‖W‖ ≈ 0.5 % in bf16, 3e-7 in f32 on 64×128 weights.
 
 Fault diagnosis for a failing merged tensor, from the same streamed sums: the observed change

@@ -3,9 +3,8 @@
 * The report: `Fault` (a stable `kind`, the tensor or file it names, a message for people and its
   figures in `data`), `TensorResult` per checked tensor, `VerifyReport` (table and JSON; `mode` says
   whether merged tensors were checked element by element or, with `--fast`, by the probe test).
-* OUT's folder: its shards and index, validated (`open_output`: anything unreadable or inconsistent
-  is a fault, not an error), `streammerge.json` (`load_record`) and the inputs it records against
-  the ones given (`record_faults`).
+* The inputs `streammerge.json` records against the ones given (`record_faults`), and the notes
+  after a pass (`pass_notes`). OUT's files themselves are read by `folders` (one face per container).
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..adapters.load import Adapter
-from ..errors import InputError
-from ..formats.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, read_json, safe_member
+from ..formats.checkpoint import Checkpoint
 from ..formats.folder import RECORD_FILE
-from ..formats.safetensors import TORCH_NAME, SafetensorsFile, TensorInfo, read_header
+from ..formats.safetensors import TORCH_NAME
 from ..options import format_size
-from ..planning.types import MergePlan, OutputTensor
+from ..planning.types import MergePlan
 
 FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 
@@ -64,9 +62,19 @@ CHECK_LABELS = {
     "checksum": "shard checksums (streammerge.json)",
     "record": "recorded inputs (streammerge.json)",
 }
+GGUF_CHECK_LABELS = {  # every GGUF tensor is encoded: its row says merged or not
+    "files": "GGUF files present (split set)",
+    "metadata": "metadata keys (per file)",
+    "structure": "tensors present (names, types, shapes)",
+    "copy": "unmerged tensors (encoded base)",
+    "merge": "merged tensors (encoded merge)",
+    "checksum": "file checksums (streammerge.json)",
+    "record": "recorded inputs (streammerge.json)",
+}
 
 
 BASIC_CHECKS = ("structure", "copy", "cast", "merge", "checksum", "record")  # always listed in the table
+TABLES = {"safetensors": (CHECK_LABELS, BASIC_CHECKS), "gguf": (GGUF_CHECK_LABELS, tuple(GGUF_CHECK_LABELS))}
 MODES = {"element-wise": "merged tensors (element-wise)", "fast": "merged tensors (probe test)"}
 
 
@@ -85,6 +93,7 @@ class VerifyReport:
     mode: str = "element-wise"  # "fast": plain LoRA merges checked by the probe test only (--fast)
     bytes_read: int = 0
     peak_rss_bytes: int = 0
+    container: str = "safetensors"  # which files OUT holds ("gguf": --method gguf)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +103,7 @@ class VerifyReport:
         return {
             "ok": self.ok,
             "mode": self.mode,
+            "container": self.container,
             "out": self.out,
             "base": self.base,
             "adapters": self.adapters,
@@ -113,12 +123,14 @@ class VerifyReport:
 
     def table_lines(self) -> list[str]:
         lines = [f"verify {self.out}", f"  base:    {self.base}", *[f"  adapter: {a}" for a in self.adapters], ""]
-        labels = {**CHECK_LABELS, "merge": MODES.get(self.mode, CHECK_LABELS["merge"])}
+        labels, basic = TABLES[self.container]
+        if self.container == "safetensors":
+            labels = {**labels, "merge": MODES.get(self.mode, labels["merge"])}
         width = max(len(v) for v in labels.values())
         lines.append(f"  {'check':<{width}}  {'checked':>7}  {'failed':>6}")
         for kind, label in labels.items():
             row = self.checks.get(kind)
-            if row is None and kind not in BASIC_CHECKS:
+            if row is None and kind not in basic:
                 continue
             if row is None:
                 lines.append(f"  {label:<{width}}  {'-':>7}  {'-':>6}  (not applicable)")
@@ -139,77 +151,6 @@ class VerifyReport:
             failed_tensors = len({f.subject for f in self.faults})
             lines.append(f"verify FAILED: {len(self.faults)} fault(s) in {failed_tensors} item(s); {summary}")
         return lines
-
-
-# -------------------------------------------------------------------------------------- OUT folder
-
-
-@dataclass
-class OutputFiles:
-    files: list[SafetensorsFile]
-    faults: list[Fault]
-    notes: list[str]
-    lost: dict[str, str] = field(default_factory=dict)  # tensor -> the missing or unreadable shard the index puts it in
-
-
-def open_output(out: Path) -> OutputFiles:
-    """OUT's safetensors files with validated headers; anything unreadable or inconsistent is a fault
-    (the folder under test is evidence, not input we refuse)."""
-    faults: list[Fault] = []
-    notes: list[str] = []
-    index_path = out / INDEX_FILE
-    if index_path.exists():
-        try:
-            index = read_json(index_path, "index file")
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise InputError(f"{index_path}: missing or malformed 'weight_map'")
-        except InputError as exc:
-            return OutputFiles([], [Fault("unreadable", INDEX_FILE, str(exc))], notes)
-        names = sorted(set(weight_map.values()))
-    elif (out / SINGLE_FILE).exists():
-        weight_map, names = None, [SINGLE_FILE]
-    else:
-        return OutputFiles([], [Fault("unreadable", str(out), f"no {SINGLE_FILE} or {INDEX_FILE} in {out}")], notes)
-    files: list[SafetensorsFile] = []
-    where: dict[str, str] = {}
-    lost: dict[str, str] = {}
-    for fname in names:
-        try:
-            path = safe_member(out, fname, str(index_path))
-            if not path.is_file():
-                faults.append(Fault("shard missing", fname, f"{fname} is listed in {INDEX_FILE} but missing"))
-                lost.update({t: f"{fname} is missing" for t, f in (weight_map or {}).items() if f == fname})
-                continue
-            header = read_header(path)
-        except InputError as exc:
-            faults.append(Fault("unreadable", fname, str(exc)))
-            lost.update({t: f"{fname} is unreadable" for t, f in (weight_map or {}).items() if f == fname})
-            continue
-        for name in header.tensors:
-            if name in where:
-                faults.append(Fault("index", name, f"tensor stored in both {where[name]} and {fname}"))
-            elif weight_map is not None and weight_map.get(name) != fname:
-                faults.append(Fault("index", name, f"{fname} holds it but {INDEX_FILE} says {weight_map.get(name)!r}"))
-            where[name] = fname
-        files.append(header)
-    stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in names)
-    if stray:
-        notes.append(f"files not part of the checkpoint (not checked): {', '.join(stray[:5])}")
-    return OutputFiles(files, faults, notes, lost)
-
-
-def load_record(out: Path) -> tuple[dict[str, Any] | None, Fault | None]:
-    path = out / RECORD_FILE
-    if not path.exists():
-        return None, None
-    try:
-        record = read_json(path, RECORD_FILE)
-        if not isinstance(record, dict) or not isinstance(record.get("shards"), list):
-            raise InputError(f"{path}: not a streammerge record")
-        return record, None
-    except InputError as exc:
-        return None, Fault("unreadable", RECORD_FILE, str(exc))
 
 
 def record_faults(record: dict[str, Any], plan: MergePlan, checkpoint: Checkpoint, adapters: Sequence[Adapter]) -> tuple[list[Fault], list[str]]:
@@ -233,7 +174,7 @@ def record_faults(record: dict[str, Any], plan: MergePlan, checkpoint: Checkpoin
                 ))
     adapter_files = {str(a.weights_file) for a in adapters}
     base_files = sorted({Path(t.source.file).name: Path(t.source.file).stat().st_size
-                         for t in plan.tensors if t.source.file not in adapter_files}.items())
+                         for t in plan.tensors if t.source is not None and t.source.file not in adapter_files}.items())
     rec_base = record.get("base") if isinstance(record.get("base"), dict) else {}
     rec_files = sorted((f.get("name"), f.get("size")) for f in rec_base.get("files", []) if isinstance(f, dict))
     if rec_files != base_files:
@@ -258,16 +199,6 @@ def record_faults(record: dict[str, Any], plan: MergePlan, checkpoint: Checkpoin
     return faults, notes
 
 
-def _shape_ok(tensor: OutputTensor, info: TensorInfo) -> bool:
-    """OUT's header entry has the planned shape and dtype (a double-quant quant-state JSON: any length
-    up to the planned bound, since its length depends on the data)."""
-    if info.dtype != tensor.dtype:
-        return False
-    if tensor.quant_out is not None and not tensor.quant_out.exact_size:
-        return len(info.shape) == 1 and 0 < info.shape[0] <= tensor.shape[0]
-    return tuple(info.shape) == tuple(tensor.shape)
-
-
 def _files_text(files: list[tuple[Any, Any]]) -> str:
     shown = ", ".join(f"{n} ({s} bytes)" for n, s in files[:3])
     return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
@@ -280,7 +211,7 @@ def _base_float_dtype(checkpoint: Checkpoint) -> str | None:
 
 
 def pass_notes(tolerated: list[str], results: list[TensorResult], rounding: str) -> list[str]:
-    """The notes both verifiers add after their pass: tensors that passed within tolerance without
+    """The notes added after the pass: tensors that passed within tolerance without
     being byte-identical, and merged tensors whose delta hides under `rounding`."""
     notes = []
     if tolerated:

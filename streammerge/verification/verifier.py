@@ -1,40 +1,47 @@
 """`streammerge verify`: prove that a folder is what base + adapters make, in bounded memory.
 
-The expected output is planned exactly as `merge` plans it (`build_plan`), then OUT is checked
-against it in one streaming pass over its shards (row chunks read with `pread`, never a memory map):
+The expected output is planned exactly as `merge` plans it (`build_plan`; for `--method gguf` the
+GGUF plan's output, its files as shards of the "gguf" container), then OUT is checked against it in
+one streaming pass over its files (row chunks read with `pread`, never a memory map). What is
+container-specific (opening OUT's files, GGUF metadata, what the report calls a file) is a face in
+`folders` / `gguf`; everything else is this pass, for every container:
 
-* Structure: every planned tensor present once with the planned shape and dtype; nothing extra.
+* Structure: every planned tensor present once with the planned shape and dtype (or GGUF type);
+  nothing extra.
 * Copied tensors: byte equality with the base. Cast tensors: byte equality with the base chunk
   cast by torch (round to nearest even), i.e. what any torch-based tool writes.
 * Merged tensors, element by element (the default): the expected rows are recomputed in float32,
   tile by tile, and every stored element must lie within the rounding bound that any correct tool
   meets (output rounding, the delta or the factors rounded to the output dtype, float32
-  accumulation in any order): plain linear LoRA in `verify_linear`, DoRA / MoE / lora_bias /
-  trainable tokens / 4-bit bases and merged_4bit outputs in `verify_checks`. A fault names the
-  tensor, counts the elements out of bound and locates the worst one; a failing tensor is read
-  once more for its diagnosis ("delta missing", "scale off by 2.0×", "delta transposed", ...).
-* `fast=True` (`verify --fast`): plain linear LoRA merges are checked by the probe test of
-  `verify_probe` instead (random projections, a bound on each whole row: quicker, but a few wrong
-  elements of a row can hide under it).
-* With `streammerge.json` (written by `merge`): every recorded shard's sha256 (hashed during the same
-  pass) and the recorded inputs (adapter file digests and weights, base file names and sizes,
-  method and dtype) against the ones given. A different --max-shard-size is reported as a note.
+  accumulation in any order): plain linear LoRA in `linear`, DoRA / MoE / lora_bias / trainable
+  tokens / 4-bit bases in `checks`, merged_4bit outputs in `quant`, every encoded tensor (GGUF
+  types, registered codecs) through its codec in `encoded`. A fault names the tensor, counts the
+  elements out of bound and locates the worst one; a failing tensor is read once more for its
+  diagnosis ("delta missing", "scale off by 2.0×", "delta transposed", "not permuted", ...).
+* `fast=True` (`verify --fast`): plain linear LoRA merges in safetensors shards are checked by the
+  probe test of `probe` instead (random projections, a bound on each whole row: quicker, but a few
+  wrong elements of a row can hide under it).
+* With `streammerge.json` (written by `merge`): every recorded file's sha256 (hashed during the same
+  pass, headers and padding included) and the recorded inputs (adapter file digests and weights,
+  base file names and sizes, method and dtype or GGUF type) against the ones given. A different
+  --max-shard-size is reported as a note.
 
 Memory: one host buffer holds the out rows, the base rows and a cast scratch for a chunk; add the
 float32 recompute tiles and their temporaries (the float64 probe tiles with `fast`), the largest
 tensor's LoRA factors and 1/16 of the budget kept for small temporaries. The sum is `--max-memory`
 (`verify_layout`; it refuses a budget below one row).
 
-Extending: each plan op has a `TensorCheck` (`verify_checks.check_class`). A new codec or LoRA variant
-adds its op (or term kind) and a check that states its own tolerance (for 4-bit: the quantization step
-instead of the output rounding) — the pass, record and report (`verify_report`) stay as they are.
+Extending: each planned tensor has a `TensorCheck` (`check_class`). A new codec is checked by
+`EncodedCheck` through its own decode and tolerance; a new LoRA variant adds its term kind and a
+check that states its tolerance; a new container adds a folder face. The pass, record and report
+stay as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
+import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,141 +50,20 @@ import torch
 from ..console import terminal
 from ..adapters.load import Adapter
 from ..errors import InputError, PlanError
-from ..formats import codecs
 from ..formats.checkpoint import Checkpoint, safe_member
 from ..formats.folder import RECORD_FILE
-from ..formats.safetensors import ITEMSIZE, SafetensorsFile, TensorInfo
-from ..options import format_size
+from ..formats.safetensors import TensorInfo, pread_exact, release_cache
 from ..planning.types import MergePlan, OutputTensor
-from .base import PROBES, TEMPORARIES_SHARE, TILE_ELEMENTS, TILES, Chunk, Context, TensorCheck, TimedRun, _rows_and_width
-from .checks import (
-    RTILE_BYTES,
-    BytesCheck,
-    CastCheck,
-    RecomputeCheck,
-    ReplaceCheck,
-    alignment,
-    base_row_bytes,
-    decoded_row_bytes,
-    out_row_bytes,
-    state_bytes,
-)
-from .encoded import EncodedCheck
-from .linear import LinearElementCheck
-from .probe import PROBED_KINDS, LinearLoraCheck
-from .quant import QuantPartCheck, QuantWeightCheck
-from .report import Fault, TensorResult, VerifyReport, _shape_ok, load_record, open_output, pass_notes, record_faults
+from .base import PROBES, Chunk, Context, TensorCheck
+from .dispatch import _row_cost, check_class, verify_layout
+from .folders import OutputFolder
+from .gguf import GGUFFolder
+from .report import Fault, TensorResult, VerifyReport, pass_notes, record_faults
 
-# ----------------------------------------------------------------------------------- memory layout
+FOLDERS: dict[str, type[OutputFolder]] = {"safetensors": OutputFolder, "gguf": GGUFFolder}  # by OutputShard.container
 
 
-@dataclass(frozen=True)
-class VerifyLayout:
-    """How `--max-memory` is spent: one chunk buffer (out rows + base rows + cast scratch), the
-    float64 work tiles, and the largest merged tensor's factors and probes."""
-
-    chunk_bytes: int
-    tile_elements: int
-    fixed_bytes: int
-    rtile_elements: int = 0  # float32 tiles of the recompute checks
-
-    @property
-    def total(self) -> int:
-        return self.chunk_bytes + self.fixed_bytes
-
-
-def _row_cost(tensor: OutputTensor) -> int:
-    """Chunk-buffer bytes per row: OUT's row, the base's row, a cast scratch, decoded float32 rows."""
-    if tensor.quant_out is not None and tensor.quant_out.part != "weight":
-        return 1  # statistic tensors are streamed as bytes
-    out_b = out_row_bytes(tensor)
-    return 2 * out_b + base_row_bytes(tensor) + decoded_row_bytes(tensor)
-
-
-def _merge_fixed_bytes(tensor: OutputTensor, probes: int) -> int:
-    width = _rows_and_width(tensor.shape)[1]
-    total = width * probes * 8  # the probes
-    for term in tensor.loras:
-        for src in (term.a, term.b):
-            total += math.prod(src.shape) * (ITEMSIZE[src.dtype] + 3 * 8)  # raw, float64, |float64|
-    from ..planning.streaming import state_bytes
-
-    return total + state_bytes(tensor)
-
-
-def verify_layout(plan: MergePlan, probes: int, fast: bool = False) -> VerifyLayout:
-
-    classes = {t.name: check_class(t, fast) for t in plan.tensors}
-    merges = [t for t in plan.tensors if classes[t.name] is LinearLoraCheck]
-    recomputes = [t for t in plan.tensors if classes[t.name] is not None and issubclass(classes[t.name], (RecomputeCheck, EncodedCheck))]
-    budget = plan.options.max_memory
-    tile = rtile = 0
-    if merges:  # at least one row; at most ~1/16 of the budget in all tiles
-        tile = max([min(TILE_ELEMENTS, budget // (16 * TILES * 8))] + [_rows_and_width(t.shape)[1] for t in merges])
-    if recomputes:  # float32 tiles and their temporaries: ~1/16 of the budget, at least one aligned group of rows
-        rtile = max([min(TILE_ELEMENTS, budget // (16 * RTILE_BYTES))]
-                    + [alignment(t) * _rows_and_width(t.weight_shape)[1] for t in recomputes])
-    fixed = TILES * tile * 8 + RTILE_BYTES * rtile
-    fixed += max([_merge_fixed_bytes(t, probes) for t in merges] + [state_bytes(t) for t in recomputes] + [0])
-    fixed += budget // TEMPORARIES_SHARE  # small per-tile results (probe products, row norms, sums)
-    widest = max((alignment(t) * _row_cost(t) for t in plan.tensors), default=1)
-    largest = max((_rows_and_width(t.weight_shape)[0] * _row_cost(t) for t in plan.tensors), default=1)
-    chunk = budget - fixed
-    if chunk < widest:
-        need = fixed + widest
-        raise PlanError(
-            f"--max-memory {format_size(plan.options.max_memory)} is too small to verify: one row of the widest "
-            f"tensor with its base row needs {format_size(widest)} besides {format_size(fixed)} of work space; "
-            f"use at least --max-memory {math.ceil(need / 1e6)}MB"
-        )
-    return VerifyLayout(min(chunk, max(largest, 1)), tile, fixed, rtile)
-
-
-def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
-    """Operations, LoRA term kinds and codecs this verifier has no check for, with the tensors using
-    them: refusing them beats a check that cannot fail. (`verify_checks.check_class` picks the checks.)"""
-    out: dict[str, list[str]] = {}
-    for t in plan.tensors:
-        if check_class(t) is not None:
-            continue
-        kinds = [term.kind for term in t.loras if term.kind not in KNOWN_KINDS]
-        if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
-            kinds.append(f"{t.quant_in.codec} base")
-        if t.encoding is not None and not kinds:
-            kinds.append(f"{t.encoding} encoding")
-        for kind in kinds or [t.op]:
-            out.setdefault(kind, []).append(t.name)
-    return out
-
-
-
-def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None:
-    """The check for one planned tensor (None: this verifier cannot check it). Plain linear LoRA merges
-    are checked element by element (`LinearElementCheck`), or by the probe test with `fast`."""
-    if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
-        return None
-    if any(term.kind not in KNOWN_KINDS for term in t.loras):
-        return None
-    if t.encoding is not None:
-        return EncodedCheck if codecs.find(t.encoding) is not None else None
-    if t.op == "quant":
-        if t.quant_out is None:
-            return None
-        return QuantWeightCheck if t.quant_out.part == "weight" else QuantPartCheck
-    if t.op == "merge":
-        probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
-        if probed:
-            return LinearLoraCheck if fast else LinearElementCheck
-        return RecomputeCheck
-    if t.op in ("bias_add", "token_rows", "dequant"):
-        return RecomputeCheck
-    return {"copy": BytesCheck, "cast": CastCheck, "replace": ReplaceCheck}.get(t.op)
-
-
-KNOWN_KINDS = ("lora", "embedding", "dora", "moe", "bias", "token_rows")
-
-
-class Verifier(TimedRun):
+class Verifier:
     """One streaming pass over OUT's shards: hash (when a record exists) and check every tensor."""
 
     def __init__(
@@ -207,9 +93,41 @@ class Verifier(TimedRun):
         self.progress = progress
         self.fast = fast
         self.layout = verify_layout(plan, probes, fast)
+        container = plan.shards[0].container if plan.shards else "safetensors"
+        self.folder = FOLDERS[container](self.out, plan)
         self._fds: dict[str, int] = {}
         self._bar = None
         self.bytes_read = 0
+
+    def run(self) -> VerifyReport:
+        """The pass with a fixed malloc threshold, its descriptors closed whatever happens, timed."""
+        from ..run.pipeline import fix_malloc_threshold
+
+        fix_malloc_threshold()
+        started = time.perf_counter()
+        try:
+            report = self._run()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        report.seconds = time.perf_counter() - started
+        report.bytes_read = self.bytes_read
+        return report
+
+    def _read(self, path: str, offset: int, view: memoryview, progress: bool = False) -> None:
+        """Positioned reads through cached descriptors; page cache released behind them, bytes counted."""
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
+        pread_exact(fd, view, offset, path)
+        release_cache(fd, offset, len(view))
+        self.bytes_read += len(view)
+        if progress and self._bar is not None:
+            self._bar.update(len(view))
 
     def _run(self) -> VerifyReport:
         prev = torch.get_float32_matmul_precision()
@@ -223,12 +141,17 @@ class Verifier(TimedRun):
         self.faults: list[Fault] = []
         self.notes: list[str] = []
         self.tolerated: list[str] = []
-        self.checks = {k: {"checked": 0, "failed": 0} for k in ("structure", "copy", "cast", "merge")}
-        output = open_output(self.out)
+        rows = ("structure", "copy", "cast", "merge") if self.folder.container == "safetensors" else ("structure", "copy", "merge")
+        self.checks = {k: {"checked": 0, "failed": 0} for k in rows}
+        output = self.folder.open()
         self.faults += output.faults
         self.notes += output.notes
         record = self._load_record()
-        wanted_sha = {s["filename"]: str(s.get("sha256")) for s in (record or {}).get("shards", [])
+        for kind, row in output.checks.items():
+            mine = self.checks.setdefault(kind, {"checked": 0, "failed": 0})
+            mine["checked"] += row["checked"]
+            mine["failed"] += row["failed"]
+        wanted_sha = {s["filename"]: str(s.get("sha256")) for s in (record or {}).get(self.folder.record_key, [])
                       if isinstance(s, dict) and isinstance(s.get("filename"), str)}
         found = {}
         for f in output.files:
@@ -243,28 +166,30 @@ class Verifier(TimedRun):
         del buffer  # the record check reads adapter files; keep the peak at the budget
         if record is not None:
             rec_faults, rec_notes = record_faults(record, self.plan, self.checkpoint, self.adapters)
+            rec_faults += self.folder.record_faults(record)
             self.checks["record"] = {"checked": 1, "failed": int(bool(rec_faults))}
             self.faults += rec_faults
             self.notes += rec_notes
 
-        self.notes += pass_notes(self.tolerated, results, "the output dtype's rounding")
+        self.notes += pass_notes(self.tolerated, results, self.folder.rounding())
         return VerifyReport(
             out=str(self.out), base=self.plan.base, adapters=[a.label for a in self.adapters], checks=self.checks,
             faults=self.faults, tensors=results, notes=self.notes, probes=self.probes if self.fast else 0,
             seed=self.seed, mode="fast" if self.fast else "element-wise",
+            container=self.folder.container,
         )
 
     def _load_record(self) -> dict[str, Any] | None:
         if not self.check_record:
             return None
-        record, fault = load_record(self.out)
+        record, fault = self.folder.load_record()
         if fault is not None:
             self.faults.append(fault)
         elif record is None:
-            self.notes.append(f"no {RECORD_FILE} in the folder: shard checksums and recorded inputs were not checked")
+            self.notes.append(f"no {RECORD_FILE} in the folder: {self.folder.noun} checksums and recorded inputs were not checked")
         return record
 
-    def _check_structure(self, found: dict[str, tuple[SafetensorsFile, TensorInfo]], lost: dict[str, str]) -> set[str]:
+    def _check_structure(self, found: dict[str, tuple[Any, TensorInfo]], lost: dict[str, str]) -> set[str]:
         """Missing, unexpected and misshapen tensors; returns the names whose values can be checked."""
         row = self.checks["structure"]
         checkable: set[str] = set()
@@ -272,12 +197,12 @@ class Verifier(TimedRun):
             row["checked"] += 1
             info = found[name][1] if name in found else None
             if info is None:
-                why = f"its shard {lost[name]}" if name in lost else "planned but not in the folder"
+                why = lost.get(name, "planned but not in the folder")
                 self.faults.append(Fault("missing tensor", name, f"missing tensor: {why}"))
-            elif not _shape_ok(tensor, info):
+            elif not self.folder.shape_ok(tensor, info):
+                what = f"shape/{self.folder.shape_word} differs"
                 self.faults.append(Fault(
-                    "shape/dtype differs", name,
-                    f"shape/dtype differs: {list(info.shape)} {info.dtype}, expected {list(tensor.shape)} {tensor.dtype}",
+                    what, name, f"{what}: {list(info.shape)} {info.dtype}, expected {list(tensor.shape)} {tensor.dtype}",
                 ))
             else:
                 checkable.add(name)
@@ -291,49 +216,63 @@ class Verifier(TimedRun):
                 self.faults.append(Fault("unexpected tensor", name, "unexpected tensor: in the folder but not made by base + adapters"))
         return checkable
 
-    def _stream(self, files: list[SafetensorsFile], found, checkable: set[str], wanted_sha: dict[str, str],
+    def _stream(self, files: list, found, checkable: set[str], wanted_sha: dict[str, str],
                 buffer: bytearray) -> tuple[list[TensorResult], dict[str, str]]:
-        """The one pass over OUT, shard by shard in file order: hash what the record lists, check
-        every tensor whose structure is right."""
+        """The one pass over OUT, file by file, tensors in data order: check every tensor whose
+        structure is right and hash every byte (headers and padding included) of the files the
+        record lists. Overlapping entries (a corrupt file) are hashed in a pass of their own."""
         expected = {t.name: t for t in self.plan.tensors}
         out_tensors = {name: (str(found[name][0].path), found[name][1]) for name in checkable}
+        config = self.checkpoint.config or {}
+        heads = tuple(h for h in (config.get("num_attention_heads"), config.get("num_key_value_heads"))
+                      if isinstance(h, int) and not isinstance(h, bool) and h > 0)
         ctx = Context(self.device, self.probes, self.seed, self.layout.tile_elements, self._read,
-                      self.layout.rtile_elements, out_tensors)
+                      self.layout.rtile_elements, out_tensors, heads)
         self._bar = self._progress_bar(files)
         results: list[TensorResult] = []
         hashes: dict[str, str] = {}
         for f in files:
+            path = str(f.path)
             hasher = hashlib.sha256() if f.path.name in wanted_sha else None
+            entries = list(f.tensors.values())
+            in_order = all(a.end <= b.start for a, b in zip(entries, entries[1:]))
+            walk = hasher if in_order else None
+            pos = 0
+            for info in entries:
+                if walk is not None:
+                    self._hash_range(path, pos, info.start, buffer, walk)
+                name = info.name
+                if name in checkable and found[name][0] is f:
+                    category, result, faults = self._check_tensor(expected[name], info, f, ctx, buffer, walk)
+                    results.append(result)
+                    row = self.checks.setdefault(category, {"checked": 0, "failed": 0})
+                    row["checked"] += 1
+                    if faults:
+                        row["failed"] += 1
+                        self.faults += faults
+                elif walk is not None:
+                    self._hash_range(path, info.start, info.end, buffer, walk)
+                pos = max(pos, info.end)
             if hasher is not None:
-                self._hash_range(str(f.path), 0, f.data_start, buffer, hasher)
-            for name, info in f.tensors.items():  # in file order
-                if name not in checkable or found[name][0] is not f:
-                    if hasher is not None:
-                        self._hash_range(str(f.path), info.start, info.end, buffer, hasher)
-                    continue
-                tensor = expected[name]
-                category, result, faults = self._check_tensor(tensor, info, f, ctx, buffer, hasher)
-                results.append(result)
-                row = self.checks.setdefault(category, {"checked": 0, "failed": 0})
-                row["checked"] += 1
-                if faults:
-                    row["failed"] += 1
-                    self.faults += faults
-            if hasher is not None:
+                if in_order:
+                    self._hash_range(path, pos, f.size, buffer, hasher)
+                else:
+                    self._hash_range(path, 0, f.size, buffer, hasher)
                 hashes[f.path.name] = hasher.hexdigest()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         return results, hashes
 
-    def _check_checksums(self, files: list[SafetensorsFile], wanted_sha: dict[str, str], hashes: dict[str, str],
+    def _check_checksums(self, files: list, wanted_sha: dict[str, str], hashes: dict[str, str],
                          buffer: bytearray) -> None:
         row = self.checks["checksum"] = {"checked": 0, "failed": 0}
         for fname, sha in wanted_sha.items():
             row["checked"] += 1
             got = hashes[fname] if fname in hashes else self._hash_file(fname, buffer)
             if got is None:
-                self.faults.append(Fault("shard missing", fname, f"{fname} is recorded in {RECORD_FILE} but missing"))
+                noun = self.folder.noun
+                self.faults.append(Fault(f"{noun} missing", fname, f"{fname} is recorded in {RECORD_FILE} but missing"))
             elif got != sha:
                 self.faults.append(Fault(
                     "checksum mismatch", fname,
@@ -346,9 +285,10 @@ class Verifier(TimedRun):
             if f.path.name not in wanted_sha:
                 row["checked"] += 1
                 row["failed"] += 1
-                self.faults.append(Fault("checksum mismatch", f.path.name, f"{f.path.name} is not one of the shards recorded in {RECORD_FILE}"))
+                self.faults.append(Fault("checksum mismatch", f.path.name,
+                                         f"{f.path.name} is not one of the {self.folder.noun}s recorded in {RECORD_FILE}"))
 
-    def _check_tensor(self, tensor: OutputTensor, info: TensorInfo, f: SafetensorsFile, ctx: Context, buffer: bytearray,
+    def _check_tensor(self, tensor: OutputTensor, info: TensorInfo, f, ctx: Context, buffer: bytearray,
                       hasher) -> tuple[str, TensorResult, list[Fault]]:
         """Stream one tensor of OUT (and the base rows its check needs) through its check."""
         check = check_class(tensor, self.fast)(tensor, ctx)
@@ -406,7 +346,7 @@ class Verifier(TimedRun):
         if check.tolerated:
             self.tolerated.append(check.tensor.name)
         faults = [] if fault is None else fault if isinstance(fault, list) else [fault]
-        return check.category, result, faults
+        return self.folder.category(check.tensor, check.category), result, faults
 
     def _hash_range(self, path: str, start: int, end: int, buffer: bytearray, hasher) -> None:
         view = memoryview(buffer)
@@ -428,7 +368,7 @@ class Verifier(TimedRun):
         self._hash_range(str(path), 0, path.stat().st_size, buffer, hasher)
         return hasher.hexdigest()
 
-    def _progress_bar(self, files: list[SafetensorsFile]):
+    def _progress_bar(self, files: list):
         if not self.progress:
             return None
         from tqdm import tqdm

@@ -17,6 +17,7 @@ import torch
 
 from . import bnb4, bnb4_quantize, int8, register
 from .base import Codec
+from ..safetensors import FROM_TORCH_NAME
 
 Read = Callable[[str], torch.Tensor]  # companion tensor name -> its stored values
 
@@ -46,6 +47,10 @@ class Bnb4Codec(Codec):
 
     def output_state_bytes(self, elements: int, blocksize: int) -> int:
         return -(-elements // blocksize) * 4 * 6  # chunk absmax list, concatenation, double quant, stash
+
+    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
+        """Safetensors dtype of the rows `decoder` returns (bitsandbytes dequantizes to the quant state's dtype)."""
+        return FROM_TORCH_NAME[self.format(fmt_json).dtype]
 
     def decoder(self, fmt_json: dict[str, Any], name: str, read: Read, device: torch.device) -> "Bnb4Decoder":
         return Bnb4Decoder(self.format(fmt_json), name, read, device)
@@ -161,6 +166,9 @@ class Int8Codec(Codec):
 
     def source_state_bytes(self, fmt_json: dict[str, Any], rows: int) -> int:
         return rows * 8  # SCB, raw and on the device
+
+    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
+        return "F32"  # int8_vectorwise_dequant returns float32
 
     def decoder(self, fmt_json: dict[str, Any], name: str, read: Read, device: torch.device) -> "Int8Decoder":
         return Int8Decoder(int8.Int8Format.from_json(fmt_json), name, read, device)
