@@ -44,7 +44,8 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda when available)")
-    p.add_argument("--gguf-type", default=None, help="with --method gguf: bf16|f16|q8_0|q4_0 (default: bf16)")
+    p.add_argument("--gguf-type", default=None, help="with --method gguf: f32|bf16|f16|q8_0|q4_0, or llama-quantize's mixes "
+                   "q4_k_m|q4_k_s|q5_k_m|q5_k_s|q6_k (default: bf16)")
     p.add_argument("--max-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--low-disk", action="store_true",
                    help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")

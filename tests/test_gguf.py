@@ -416,10 +416,11 @@ def test_unsupported_architecture_refused_before_work(make_base, make_adapter, t
     assert not out.exists()
 
 
-def test_k_quants_are_refused_with_the_llama_cpp_step(cases, tmp_path):
+def test_k_quants_we_do_not_write_are_refused_with_the_llama_cpp_step(cases, tmp_path):
+    """Q4_K_M & co. are written (tests/test_kquants.py); Q3_K_M and the i-quants name llama-quantize."""
     case = cases["llama"]
-    res = run_cli("merge", case.base, case.adapter, "--out", tmp_path / "out", "--method", "gguf", "--gguf-type", "Q4_K_M")
-    assert res.returncode == 2 and "llama-quantize" in res.stderr and "Q4_K_M" in res.stderr
+    res = run_cli("merge", case.base, case.adapter, "--out", tmp_path / "out", "--method", "gguf", "--gguf-type", "Q3_K_M")
+    assert res.returncode == 2 and "llama-quantize" in res.stderr and "Q3_K_M" in res.stderr and "q4_k_m" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
 
 

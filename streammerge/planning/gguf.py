@@ -36,15 +36,15 @@ from . import streaming as qs
 from .streaming import factor_bytes, needs_prepass
 from .types import MergePlan, OutputShard, OutputTensor, RowTransform
 from ..formats.gguf import require
-from ..formats.gguf.arch import Arch, arch_of, ggml_type_name, metadata, rope_freqs, tensor_rule
+from ..formats import codecs
+from ..formats.gguf.arch import Arch, arch_of, metadata, rope_freqs, tensor_rule
+from ..formats.gguf.mix import K_MIXES, k_type, layer_order, model_shape, plain_type
 from ..formats.gguf.types import GGUF_TYPES, file_tag
 from ..formats.gguf.vocab import Vocab, load_vocab
 
 ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 READS_IN_FLIGHT = 2  # the chunk being computed and the one being read ahead
 READ_BUFFERS = READS_IN_FLIGHT + 1  # plus one chunk of headroom: allocator fragmentation, first-use costs
-QUANT_GROUP_ROWS = 16  # gguf.quants works on groups of 16 rows; its temporaries scale with that
-QUANT_TEMPORARIES = 8  # float32 temporaries per element of a group (abs, max, scaled, rounding steps)
 QUANT_ROW_COST = 12  # bytes per element of a decoded bitsandbytes chunk: float32 rows + dequantization temporaries
 
 
@@ -177,9 +177,15 @@ def _factor_bytes(tensor: OutputTensor | None) -> int:
     return 0 if tensor is None else factor_bytes(tensor)
 
 
+def _quantizer_work(t: GGUFTensor) -> int:
+    """A block quantizer's temporaries for one piece of rows (none for a plain cast)."""
+    group = getattr(codecs.get(t.ggml_type), "group_work_bytes", None)
+    return group(t.width) if group is not None else 0
+
+
 def _encoded_per_element(gguf, ggml_type: str) -> float:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-    quantized = ggml_type in ("Q8_0", "Q4_0")
+    quantized = hasattr(codecs.get(ggml_type), "group_work_bytes")  # builds its output in pieces
     return (2 if quantized else 1) * size / block if ggml_type != "F32" else 0.0
 
 
@@ -233,7 +239,7 @@ def _fixed_bytes(gguf, tensors: list[GGUFTensor]) -> int:
     merged_width = max((t.width for t in tensors if t.source is not None and t.source.loras), default=0)
     tiles = 8 * max(ops.TILE_ELEMENTS, merged_width) if merged_width else 0
     factors = max((_factor_bytes(t.source) for t in tensors), default=0)
-    quant = max((QUANT_GROUP_ROWS * t.width * 4 * QUANT_TEMPORARIES for t in tensors if t.ggml_type in ("Q8_0", "Q4_0")), default=0)
+    quant = max((_quantizer_work(t) for t in tensors), default=0)
     # bitsandbytes statistics: one weight's decoded, and the next weight's read ahead with its first chunk
     states = max((qs.state_bytes(t.source) for t in tensors if t.source is not None), default=0)
     return tiles + factors + quant + 2 * states
@@ -291,12 +297,18 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
     names = {p[0] for p in pending}
     if len(names) != len(pending):
         raise PlanError("internal error: two checkpoint tensors map to the same GGUF name")
+    k_mix = gguf_type in K_MIXES  # llama-quantize's file: its tensor order and type mix
+    if k_mix:
+        pending.sort(key=lambda p: layer_order(p[0]))
+        shape_of_model = model_shape(arch.gguf_arch, h, names)
 
     tensors: list[GGUFTensor] = []
     for gname, shape, tensor, rule, values in pending:
-        is_output = gname == "output.weight" or (gname == "token_embd.weight" and "output.weight" not in names)
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[bulk]][0]
-        ggml_type = ggml_type_name(gname, shape, bulk, is_output, block)
+        if k_mix:
+            ggml_type = k_type(gname, shape, gguf_type, shape_of_model)
+        else:
+            is_output = gname == "output.weight" or (gname == "token_embd.weight" and "output.weight" not in names)
+            ggml_type = plain_type(gname, shape, bulk, is_output)
         tensors.append(
             GGUFTensor(
                 gname, ggml_type, shape, _nbytes(gguf, ggml_type, shape), 0, tensor,
@@ -324,6 +336,9 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
     total_params, shared, expert, experts = writer.get_total_parameter_count()
     writer.add_size_label(gguf.size_label(total_params, shared, expert, experts))  # e.g. "8.0B", as llama.cpp
+    if k_mix:  # llama-quantize sets these two last, after the keys it copies
+        for key in ("general.quantization_version", "general.file_type"):
+            writer.kv_data[0][key] = writer.kv_data[0].pop(key)
     headers = _render_headers(gguf, writer)
     groups = [list(group) for group in writer.tensors]
     stem = f"{name}-{file_tag(gguf_type)}"
@@ -341,11 +356,9 @@ def build_gguf_plan(checkpoint: Checkpoint, merge_plan: MergePlan, options: Merg
         files.append(GGUFFile(filename, header, len(header) + offset, tuple(placed)))
 
     notes = []
-    if gguf_type in ("bf16", "f16"):
-        notes.append(
-            f"K-quants (Q4_K_M, Q5_K_M, Q6_K, ...) are not written by the gguf package; make them from this file "
-            f"with llama.cpp: llama-quantize {filenames[0]} {name}-Q4_K_M.gguf Q4_K_M"
-        )
+    fallen = sorted({t.ggml_type for t in tensors} - {"F32", bulk} - ({"Q6_K", "Q8_0", "Q5_K"} if k_mix else set()))
+    if k_mix and fallen:
+        notes.append(f"{gguf_type}: rows that are not whole 256-value super-blocks use {', '.join(fallen)}, as llama-quantize does")
     if gguf_type == "q4_0":
         notes.append("q4_0: the output projection is kept at Q8_0 (llama-quantize uses Q6_K, which the gguf package cannot write)")
     return GGUFPlan(

@@ -1,4 +1,6 @@
-"""GGUF's block types Q8_0 and Q4_0: 32 values per block, an f16 scale per block, inline in the row.
+"""GGUF's block types Q8_0, Q4_0, Q5_0 and Q5_1: 32 values per block, an f16 scale (and for Q5_1 an
+f16 min) per block, inline in the row. Q5_0/Q5_1 are what llama-quantize falls back to when a row is
+not whole K-quant super-blocks.
 
 Encoding and decoding are the gguf package's own (llama.cpp's reference quantizers ported to numpy),
 so the bytes are what llama.cpp's converter writes. Blocks never cross a row, so rows encode alone.
@@ -28,6 +30,8 @@ class GGMLBlocks(Codec):
         self.levels = levels
         self.clamps = clamps
         self.description = f"GGUF {name}: blocks of 32 with an f16 scale"  # type: ignore[misc]
+        if name == "Q5_1":
+            self.description += " and min"  # type: ignore[misc]
 
     def check_width(self, name: str, width: int) -> str | None:
         return None if width % self.block == 0 else f"its rows ({width}) are not a multiple of {self.block}"
@@ -71,3 +75,5 @@ class GGMLBlocks(Codec):
 
 Q8_0 = register(GGMLBlocks("Q8_0", 34, 127.0, False))
 Q4_0 = register(GGMLBlocks("Q4_0", 18, 8.0, True))
+Q5_0 = register(GGMLBlocks("Q5_0", 22, 16.0, True))
+Q5_1 = register(GGMLBlocks("Q5_1", 24, 15.5, False))  # step (max − min)/31 ≤ 2·amax/31

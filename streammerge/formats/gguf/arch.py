@@ -247,15 +247,3 @@ def tensor_rule(
     if arch.trim_embeddings and "embed_tokens.weight" in name and n_vocab is not None and n_vocab < shape[0]:
         rows = n_vocab
     return TensorRule(gguf_name, heads, shift, rows)
-
-
-def ggml_type_name(gguf_name: str, shape: tuple[int, ...], bulk: str, is_output: bool, block_size: int) -> str:
-    """The stored type of one tensor (prepare_tensors in convert_hf_to_gguf.py, plus llama-quantize's
-    output-tensor rule for q4_0: llama.cpp keeps that tensor at Q6_K, which the gguf package cannot
-    write, so it is kept at Q8_0)."""
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
-        return "F32"
-    wanted = "Q8_0" if (bulk == "Q4_0" and is_output) else bulk
-    if wanted in ("Q8_0", "Q4_0") and shape[-1] % block_size:
-        return "F16"  # a row is not whole blocks: convert_hf_to_gguf falls back to F16
-    return wanted
