@@ -36,7 +36,7 @@ def test_rows_encode_alone(name, monkeypatch):
     rows = torch.from_numpy(golden_rows())
     codec = codecs.get(name)
     whole = bytes(codec.encode(rows))
-    monkeypatch.setattr(kquants, "ROWS_PER_PIECE", 3)
+    monkeypatch.setattr(kquants, "PIECE_ELEMENTS", 3 * WIDTH)  # pieces of 3 rows, on several threads
     pieces = b"".join(bytes(codec.encode(rows[i : i + 5])) for i in range(0, rows.shape[0], 5))
     assert pieces == whole
     out = memoryview(bytearray(len(whole) + 7))

@@ -566,3 +566,24 @@ def test_gguf_sigkill_at_any_moment_resumes_byte_identical(gguf_case, gguf_refer
     record, ref_record = json.loads(ours.pop(RECORD)), json.loads(ref.pop(RECORD))
     assert ours == ref
     assert record["files"] == ref_record["files"]
+
+
+def test_k_quant_gguf_killed_mid_file_resumes_byte_identical(gguf_case, tmp_path):
+    """A Q4_K_M file (the K-quant codecs, llama-quantize's tensor order) resumes like every other."""
+    base, adapter = gguf_case
+    opts = ("--method", "gguf", "--gguf-type", "q4_k_m", "--max-chunk-rows", "8")
+    reference = tmp_path / "ref"
+    res = merge(base, adapter, reference, *opts, "--quiet")
+    assert res.returncode == 0, res.stderr
+    (name,) = [n for n in files(reference) if n.endswith(".gguf")]
+    out = tmp_path / "out"
+    for attempt in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        frozen = kill_when(start(base, adapter, out, *opts, "--quiet"), out, lambda s: s["tensors"] >= 3)
+        if frozen is not None:
+            break
+    assert frozen is not None and name not in frozen["names"]
+    res = merge(base, adapter, out, *opts)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split("resumed: ")[1].split("/")[0]) >= frozen["tensors"]
+    assert (out / name).read_bytes() == (reference / name).read_bytes()

@@ -17,6 +17,9 @@ Layout per super-block (ggml-common.h):
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -29,7 +32,9 @@ F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 MAGIC = F32(12582912.0)  # 1.5 · 2^23: adding it leaves round-to-nearest-even(x) in the mantissa
 U16 = 2.0**-8
-ROWS_PER_PIECE = 64  # rows quantized at once: bounds the temporaries (~40 float32 copies of a piece)
+PIECE_ELEMENTS = 1 << 18  # values quantized at once by one thread: large enough that the threads rarely wait for the GIL
+PIECE_TEMPORARIES = 16  # float32 copies of a piece alive during the search (transposes, buffers, results)
+MAX_WORKERS = 8
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
@@ -39,8 +44,8 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
 
 
 def seq_sum(a: np.ndarray) -> np.ndarray:
-    """Σ over the last axis in C's order (((a0 + a1) + a2) + ...), in float32."""
-    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+    """Σ over the last axis in C's order (((a0 + a1) + a2) + ...), in float32 (see `colsum`)."""
+    return colsum(np.ascontiguousarray(a.T))
 
 
 def first_max(values: np.ndarray, start: np.ndarray | float = 0.0, key: np.ndarray | None = None):
@@ -64,81 +69,141 @@ def f16_round(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ the two searches
 
 
+def colsum(a: np.ndarray) -> np.ndarray:
+    """Σ down the rows of a C-contiguous (n, groups) array: for every group ((a0 + a1) + a2) + ...,
+    in float32. numpy adds whole rows in order here; only a reduction along the contiguous axis is
+    pairwise, which is why `a` must be C-contiguous (the golden test would see it otherwise)."""
+    assert a.flags.c_contiguous
+    return np.add.reduce(a, axis=0, dtype=F32)
+
+
+def _levels(xt: np.ndarray, lo: np.ndarray | None, iscale: np.ndarray, lowest: int, highest: int,
+            work: np.ndarray, out: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """out = clamp(nearest_int(iscale · (x − lo)), lowest, highest) as float32.
+
+    For |iscale · (x − lo)| < 2^22 llama.cpp's magic-number rounding is round-to-nearest-even, so
+    adding and subtracting 1.5·2^23 gives it in float32. `reach` bounds |x − lo| per group; groups
+    that may leave that range (a subnormal spread makes iscale huge or infinite) are redone with the
+    integer trick itself."""
+    if lo is None:
+        np.multiply(xt, iscale, out=work)
+    else:
+        np.subtract(xt, lo, out=work)
+        work *= iscale
+    work += MAGIC
+    work -= MAGIC
+    np.clip(work, F32(lowest), F32(highest), out=out)
+    with np.errstate(invalid="ignore", over="ignore"):
+        safe = np.abs(iscale) * reach < F32(2**21)
+    if not safe.all():
+        risky = np.nonzero(~safe)[0]
+        v = xt[:, risky] * iscale[risky] if lo is None else (xt[:, risky] - lo[risky]) * iscale[risky]
+        out[:, risky] = np.clip(nearest_int(v), lowest, highest)
+    return out
+
+
 def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Scale and min of each group (rows of x) minimising the weighted squared error over levels
-    0..nmax, searching nstep + 1 candidate scales. Returns (scale, -min, levels uint8)."""
-    n = x.shape[-1]
-    lo = x[:, 0].copy()
-    hi = x[:, 0].copy()
-    for i in range(1, n):
-        lo = np.where(x[:, i] < lo, x[:, i], lo)
-        hi = np.where(x[:, i] > hi, x[:, i], hi)
-    sum_w = seq_sum(weights)
-    sum_x = seq_sum(weights * x)
-    lo = np.where(lo > 0, F32(0), lo)
+    0..nmax, searching nstep + 1 candidate scales. Returns (scale, -min, levels uint8 like x).
+    Works on the transpose (one row per position in the group), so that each C loop over a group is
+    one operation over all groups."""
+    xt = np.ascontiguousarray(x.T)
+    wt = np.ascontiguousarray(weights.T)
+    lo = xt[0].copy()
+    hi = xt[0].copy()
+    for row in xt[1:]:
+        np.copyto(lo, row, where=row < lo)
+        np.copyto(hi, row, where=row > hi)
+    low_x = lo.copy()
+
+    def reach(lo):  # a bound on |x − lo| over the group
+        return np.maximum(np.abs(hi - lo), np.abs(low_x - lo)) * F32(1.001)
+
+    sum_w = colsum(wt)
+    sum_x = colsum(wt * xt)
+    lo[lo > 0] = 0
     flat = hi == lo
     fnmax = F32(nmax)
+    work, trial, levels, tmp = (np.empty_like(xt) for _ in range(4))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = fnmax / (hi - lo)
         scale = F32(1) / iscale
-        levels = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
-        diff = scale[:, None] * levels + lo[:, None] - x
-        best = seq_sum(weights * (diff * diff))
+        _levels(xt, lo, iscale, 0, nmax, work, levels, reach(lo))
+        np.multiply(levels, scale, out=tmp)
+        tmp += lo
+        tmp -= xt
+        tmp *= tmp
+        tmp *= wt
+        best = colsum(tmp)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (hi - lo)
-            trial = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
-            wl = weights * trial
-            sum_l = seq_sum(wl)
-            sum_l2 = seq_sum(wl * trial)
-            sum_xl = seq_sum(wl * x)
+            _levels(xt, lo, iscale, 0, nmax, work, trial, reach(lo))
+            wl = np.multiply(wt, trial, out=work)
+            sum_l = colsum(wl)
+            sum_l2 = colsum(np.multiply(wl, trial, out=tmp))
+            sum_xl = colsum(np.multiply(wl, xt, out=tmp))
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F32(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            diff = this_scale[:, None] * trial + this_min[:, None] - x
-            error = seq_sum(weights * (diff * diff))
+            np.multiply(trial, this_scale, out=tmp)
+            tmp += this_min
+            tmp -= xt
+            tmp *= tmp
+            tmp *= wt
+            error = colsum(tmp)
             better = (det > 0) & (error < best) & ~flat
-            levels = np.where(better[:, None], trial, levels)
+            np.copyto(levels, trial, where=better)
             best = np.where(better, error, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
-    levels = np.where(flat[:, None], F32(0), levels)
+    levels[:, flat] = 0
     scale = np.where(flat, F32(0), scale)
-    return scale.astype(F32), (-lo).astype(F32), levels.astype(np.uint8)
+    return scale.astype(F32), (-lo).astype(F32), levels.T.astype(np.uint8)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int):
     """Symmetric scale of each group (rows of x) over levels -nmax..nmax-1, weights x² (rmse_type 1),
-    searching 18 candidates around nmax / max. Returns (scale, levels + nmax as uint8)."""
-    amax, signed_max = first_max(x, 0.0, key=np.abs(x))
+    searching 18 candidates around nmax / max. Returns (scale, levels + nmax as uint8 like x)."""
+    xt = np.ascontiguousarray(x.T)
+    amax = np.zeros(xt.shape[1], dtype=F32)
+    signed_max = np.zeros(xt.shape[1], dtype=F32)
+    for row in xt:
+        ax = np.abs(row)
+        better = ax > amax
+        np.copyto(amax, ax, where=better)
+        np.copyto(signed_max, row, where=better)
     zero = amax < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
+    w = xt * xt
+    wx = w * xt
+    work, lv, levels, tmp = (np.empty_like(xt) for _ in range(4))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-nmax) / signed_max
 
-        def sums(isc):
-            lv = np.clip(nearest_int(isc[:, None] * x), -nmax, nmax - 1).astype(F32)
-            return lv, seq_sum(wx * lv), seq_sum(w * lv * lv)
+        def sums(isc, out):
+            _levels(xt, None, isc, -nmax, nmax - 1, work, out, amax * F32(1.001))
+            sumlx = colsum(np.multiply(wx, out, out=tmp))
+            np.multiply(w, out, out=tmp)
+            np.multiply(tmp, out, out=tmp)
+            return sumlx, colsum(tmp)
 
-        lv, sumlx, suml2 = sums(iscale)
-        levels = lv
+        sumlx, suml2 = sums(F32(-nmax) / signed_max, levels)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             isc = -(F32(nmax) + F32(0.1) * F32(step)) / signed_max
-            lv, sumlx, suml2 = sums(isc)
+            sumlx, suml2 = sums(isc, lv)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            levels = np.where(better[:, None], lv, levels)
+            np.copyto(levels, lv, where=better)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    levels = np.where(zero[:, None], F32(-nmax), levels)
+    levels[:, zero] = -nmax
     scale = np.where(zero, F32(0), scale)
-    return scale.astype(F32), (levels + F32(nmax)).astype(np.uint8)
+    levels += F32(nmax)
+    return scale.astype(F32), levels.T.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ super-blocks
@@ -223,6 +288,15 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ the codecs
 
 
+def workers() -> int:
+    """Threads for the search: the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
 class KQuant(Codec):
     block = QK_K
 
@@ -240,21 +314,32 @@ class KQuant(Codec):
         return width // self.block * self.block_bytes
 
     def work_bytes(self, width: int) -> int:
-        return width * 4  # a piece's output before it is copied out
+        return width * 4  # the encoded rows before they are copied out
 
     def group_work_bytes(self, width: int) -> int:
-        """The search's float32 temporaries for one piece of rows, whatever the chunk's size."""
-        return ROWS_PER_PIECE * width * 4 * 40
+        """The search's temporaries: one piece per worker thread, whatever the chunk's size."""
+        return workers() * max(PIECE_ELEMENTS, width) * 4 * PIECE_TEMPORARIES
 
     def encode(self, rows: torch.Tensor, out: memoryview | None = None) -> memoryview:
+        """Pieces of whole rows on every core (numpy releases the GIL in its loops); each row's
+        super-blocks are independent, so the pieces do not change a byte."""
         x = np.ascontiguousarray(rows.numpy(), dtype=F32)
         n, width = x.shape
         row_bytes = self.row_bytes(width)
         result = np.empty((n, row_bytes), dtype=np.uint8)
-        for r0 in range(0, n, ROWS_PER_PIECE):
-            piece = x[r0 : r0 + ROWS_PER_PIECE]
-            blocks = self.quantize(piece.reshape(-1, QK_K))
-            result[r0 : r0 + len(piece)] = blocks.reshape(len(piece), row_bytes)
+        step = max(1, PIECE_ELEMENTS // max(width, 1))
+
+        def piece(r0: int) -> None:
+            part = x[r0 : r0 + step]
+            result[r0 : r0 + len(part)] = self.quantize(part.reshape(-1, QK_K)).reshape(len(part), row_bytes)
+
+        starts = range(0, n, step)
+        if len(starts) > 1 and workers() > 1:
+            with ThreadPoolExecutor(min(workers(), len(starts))) as pool:
+                list(pool.map(piece, starts))
+        else:
+            for r0 in starts:
+                piece(r0)
         return copy_into(memoryview(result).cast("B"), out)
 
     def decode(self, raw: torch.Tensor, width: int) -> torch.Tensor:
