@@ -102,6 +102,16 @@ def _levels(xt: np.ndarray, lo: np.ndarray | None, iscale: np.ndarray, lowest: i
     return out
 
 
+def _weighted_error(levels, scale, lo, xt, wt, tmp) -> np.ndarray:
+    """Σ w·(scale·l + min − x)² per group, each product and sum as the C loop rounds it."""
+    np.multiply(levels, scale, out=tmp)
+    tmp += lo
+    tmp -= xt
+    tmp *= tmp
+    tmp *= wt
+    return colsum(tmp)
+
+
 def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Scale and min of each group (rows of x) minimising the weighted squared error over levels
     0..nmax, searching nstep + 1 candidate scales. Returns (scale, -min, levels uint8 like x).
@@ -129,12 +139,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
         iscale = fnmax / (hi - lo)
         scale = F32(1) / iscale
         _levels(xt, lo, iscale, 0, nmax, work, levels, reach(lo))
-        np.multiply(levels, scale, out=tmp)
-        tmp += lo
-        tmp -= xt
-        tmp *= tmp
-        tmp *= wt
-        best = colsum(tmp)
+        best = _weighted_error(levels, scale, lo, xt, wt, tmp)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (hi - lo)
             _levels(xt, lo, iscale, 0, nmax, work, trial, reach(lo))
@@ -148,12 +153,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
             positive = this_min > 0
             this_min = np.where(positive, F32(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            np.multiply(trial, this_scale, out=tmp)
-            tmp += this_min
-            tmp -= xt
-            tmp *= tmp
-            tmp *= wt
-            error = colsum(tmp)
+            error = _weighted_error(trial, this_scale, this_min, xt, wt, tmp)
             better = (det > 0) & (error < best) & ~flat
             np.copyto(levels, trial, where=better)
             best = np.where(better, error, best)
