@@ -23,6 +23,7 @@ EPILOG = """examples:
   streammerge merge meta-llama/Llama-3.1-8B me/my-lora --out ./merged --low-disk --push-to-hub me/merged
   streammerge verify ./merged --base ./base --adapter ./lora-a --adapter ./lora-b@0.5 --dtype bfloat16
   streammerge merge ./llama-8b ./my-lora --out ./gguf --method gguf --gguf-type q8_0
+  streammerge merge ./deepseek-v3 ./my-lora --out ./merged-fp8 --method merged_fp8
   streammerge demo
 """
 
@@ -50,6 +51,10 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-disk", action="store_true",
                    help="Hub base: delete each downloaded shard once merged (peak disk = output + two input shards)")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf values instead of refusing them")
+    f = p.add_argument_group("FP8")
+    f.add_argument("--fp8-modules", default=None, choices=("all-linear", "experts"),
+                   help="merged_fp8 from a 16-bit base: every linear layer but lm_head (default, as DeepSeek ships) "
+                   "or the routed experts only (an FP8 base keeps its own scheme)")
     q = p.add_argument_group("4-bit (bitsandbytes)")
     q.add_argument("--quant-type", default=None, help="merged_4bit: nf4|fp4 (default: the base's, else nf4)")
     q.add_argument("--blocksize", default=None, help="4-bit block size (default: the base's, else 64)")
@@ -121,7 +126,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         allow_nonfinite=args.allow_nonfinite,
         gguf_type=args.gguf_type,
         quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
-        base_roundtrip=args.base_roundtrip,
+        base_roundtrip=args.base_roundtrip, fp8_modules=args.fp8_modules,
     )
 
 
@@ -224,7 +229,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
                 allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
                 quant_type=options.quant_type, blocksize=options.blocksize, double_quant=options.double_quant,
-                base_roundtrip=options.base_roundtrip,
+                base_roundtrip=options.base_roundtrip, fp8_modules=options.fp8_modules,
             )
         except Interrupted as exc:
             exc.exit_code = 128 + stop.received[0] if stop.received else exc.exit_code
@@ -272,7 +277,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         quiet=args.quiet or args.json or not terminal().isatty(),
         method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
         max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
-        gguf_type=options.gguf_type,
+        gguf_type=options.gguf_type, fp8_modules=options.fp8_modules,
     )
     print(report.to_json() if args.json else "\n".join(report.table_lines()))
     return 0 if report.ok else 1

@@ -12,8 +12,10 @@ from typing import Any
 
 from .errors import OptionError
 
-METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
-SUPPORTED_METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
+METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora", "gguf")
+SUPPORTED_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora", "gguf")
+# merged_fp8 from a 16-bit base: which linear weights become block FP8
+FP8_MODULES = ("all-linear", "experts")
 # bitsandbytes 4-bit settings (the same values as streammerge.quant.bnb4, kept here torch-free)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -159,6 +161,7 @@ class MergeOptions:
         blocksize: int | str | None = None,
         double_quant: bool | None = None,
         base_roundtrip: str | None = None,
+        fp8_modules: str | None = None,
     ) -> "MergeOptions":
         if method not in METHODS and not _codec_method(method):
             raise OptionError(f"--method {method!r} is not known; choose one of {', '.join(METHODS + _codec_methods())}")
@@ -177,6 +180,12 @@ class MergeOptions:
             extra["gguf_type"] = parse_gguf_type(gguf_type)
         elif gguf_type is not None:
             raise OptionError("--gguf-type applies only to --method gguf")
+        if fp8_modules is not None:
+            if method != "merged_fp8":
+                raise OptionError("--fp8-modules applies only to --method merged_fp8")
+            if fp8_modules not in FP8_MODULES:
+                raise OptionError(f"--fp8-modules {fp8_modules!r} is not known; choose {' or '.join(FP8_MODULES)}")
+            extra["fp8_modules"] = fp8_modules
         quant_type, blocksize, base_roundtrip = _check_quant_options(method, quant_type, blocksize, double_quant, base_roundtrip)
         return cls(
             method=method,
@@ -196,6 +205,11 @@ class MergeOptions:
     @property
     def gguf_type(self) -> str | None:
         return self.extra.get("gguf_type")
+
+    @property
+    def fp8_modules(self) -> str | None:
+        """merged_fp8: "all-linear" | "experts" as asked (None: the base's own scheme, else all-linear)."""
+        return self.extra.get("fp8_modules")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gpt_oss", "qwen3_moe", "qwen3", "gemma2", "gemma3")
+ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gpt_oss", "qwen3_moe", "qwen3", "gemma2", "gemma3", "deepseek_v3")
 
 # special-token ids shared by every tiny model and its tokenizer
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -41,6 +41,8 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # MLA projections, the dense MLP of the first layer and the shared experts
+    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 # MoE archs: fused 3-D expert parameters, targeted with target_parameters (PEFT ParamWrapper).
 # gpt_oss stores them fused on disk ([E, in, out], is_transposed); qwen3_moe stores them per expert
@@ -80,6 +82,18 @@ def _config(arch: str, tie_word_embeddings: bool | None, overrides: dict[str, An
         else:  # experts: gate_up [4, 48, 32] (per expert on disk: gate/up [24, 32]), down [4, 32, 24]
             kw.update(intermediate_size=64, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
             cls = Qwen3MoeConfig
+        tie = False if tie_word_embeddings is None else tie_word_embeddings
+    elif arch == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        # MLA: q_a [32, 64], q_b [64, 32], kv_a_proj_with_mqa [32, 64], kv_b [64, 16], o [64, 32];
+        # layer 0 dense MLP [128, 64]; layer 1: 4 routed experts [32, 64] / [64, 32] and a shared one
+        kw = dict(common, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=16,
+                  qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                  max_position_embeddings=64)
+        cls = DeepseekV3Config
         tie = False if tie_word_embeddings is None else tie_word_embeddings
     elif arch == "gpt2":
         kw = dict(common, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)

@@ -65,9 +65,11 @@ class Composition:
 
 
 def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str, str], model_info,
-            shapes: dict[str, tuple[int, ...]] | None = None, quantized: set[str] = frozenset()) -> Composition:
+            shapes: dict[str, tuple[int, ...]] | None = None, quantized: set[str] = frozenset(),
+            ignored=None) -> Composition:
     """`shapes`: the base tensors as the model sees them (a bitsandbytes weight's logical shape, its
-    statistic tensors left out); `quantized`: bitsandbytes weights (mergeable despite their packed dtype)."""
+    statistic tensors left out); `quantized`: bitsandbytes weights (mergeable despite their packed dtype);
+    `ignored()`: patterns of checkpoint tensors the model class drops on load (no adapter targets them)."""
     shapes = dict(shapes) if shapes is not None else {name: tuple(ref.info.shape) for name, ref in checkpoint.tensors.items()}
     shapes.update({h: shapes[e] for h, e in tied.items()})
     recipes = {name: TensorRecipe(name, ref.file, ref.info, ref.info) for name, ref in checkpoint.tensors.items()}
@@ -75,7 +77,7 @@ def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str,
                for h, e in tied.items()}
     every = {**recipes, **virtual}
     for index, adapter in enumerate(adapters):
-        edits = resolve_edits(adapter, shapes, tied, model_info)
+        edits = resolve_edits(adapter, shapes, tied, model_info, ignored)
         adapter.edits = edits
         adapter.factors = {e.target: e.factors for e in edits if e.factors is not None}
         _check_weight(adapter, edits)

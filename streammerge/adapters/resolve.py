@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import AdapterError, UnsupportedError
 from ..formats.safetensors import TensorInfo
@@ -124,13 +124,16 @@ def resolve_edits(
     shapes: Mapping[str, tuple[int, ...]],
     tied: Mapping[str, str] | None = None,
     model_info: Callable[[], Any] | None = None,
+    ignored: Callable[[], Sequence[Any]] | None = None,
 ) -> list[Edit]:
     """Every change `adapter` makes, each naming the tensor it changes; any tensor of the adapter
     that cannot be placed exactly is an error, raised before any data is read.
 
     `shapes` maps tensor names to shapes: the base checkpoint's, plus output tensors tied to a base
     tensor (`tied`: absent name -> present name, e.g. lm_head.weight -> model.embed_tokens.weight).
-    `model_info()` gives transformers' view of the model (needed for `target_parameters`).
+    `model_info()` gives transformers' view of the model (needed for `target_parameters`); `ignored()`
+    the patterns (re) of checkpoint tensors the model class does not load, asked only when targets
+    match modules without LoRA tensors (DeepSeek-V3's multi-token-prediction layer).
     """
     tied = dict(tied or {})
     modules, tokens, full = _classify(adapter)
@@ -147,7 +150,7 @@ def resolve_edits(
         edits.append(_resolve_tokens(adapter, module, key, info, shapes, len(tokens)))
     if not edits:
         raise AdapterError(f"{adapter.weights_file}: the adapter holds no tensors")
-    _check_targets_matched(adapter, shapes, lora_modules)
+    _check_targets_matched(adapter, shapes, lora_modules, ignored)
     return edits
 
 
@@ -389,8 +392,10 @@ def _in_modules_to_save(config: Any, module: str) -> bool:
     return any(p.endswith(n) for p in prefixes for n in names)
 
 
-def _check_targets_matched(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], used: set[str]) -> None:
-    """A config whose targets match base modules that have no tensors means a truncated adapter file."""
+def _check_targets_matched(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], used: set[str],
+                           ignored: Callable[[], Sequence[Any]] | None = None) -> None:
+    """A config whose targets match base modules that have no tensors means a truncated adapter file
+    (modules the model never loads excepted)."""
     targeted = set()
     for name, shape in shapes.items():
         if not name.endswith(".weight") or len(shape) != 2:
@@ -400,6 +405,9 @@ def _check_targets_matched(adapter: Adapter, shapes: Mapping[str, tuple[int, ...
             if _targeted(adapter, candidate):
                 targeted.add(module)
     untouched = sorted(m for m in targeted if m not in used and f"model.{m}" not in used and not any(u.endswith("." + m) for u in used))
+    if untouched and ignored is not None:
+        patterns = ignored()
+        untouched = [m for m in untouched if not any(p.search(f"{m}.weight") for p in patterns)]
     if untouched:
         raise AdapterError(
             f"{adapter.path}: adapter_config.json targets {len(untouched)} module(s) with no LoRA tensors in "

@@ -1,8 +1,9 @@
-"""bitsandbytes weights of a checkpoint, each grouped into one logical weight.
+"""Quantized weights of a checkpoint, each grouped into one logical weight.
 
 transformers saves a 4-bit ``Linear4bit`` weight as the packed bytes plus four or six statistic
 tensors, and an 8-bit ``Linear8bitLt`` weight as int8 plus ``SCB`` and ``weight_format`` (see
-:mod:`.bnb4` and :mod:`.int8`). The planner treats each group as one weight of the logical shape
+:mod:`.bnb4` and :mod:`.int8`); a block-FP8 weight is e4m3 codes plus ``weight_scale_inv`` (see
+:mod:`.codecs.fp8`), described by config.json's ``quantization_config``. The planner treats each group as one weight of the logical shape
 the quant state records. Only headers and a few hundred bytes per weight (the quant-state JSON,
 the 16-entry codebook, the weight-format byte) are read.
 """
@@ -15,10 +16,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from .checkpoint import Checkpoint, TensorRef
 from .safetensors import TORCH_NAME, pread_exact
 from .codecs import bnb4, int8
+from .codecs.fp8 import SCALE_SUFFIX, Fp8BlockFormat, scale_name
 
 # tensors small enough to read while planning (the JSON is ~170 bytes; quant_map 64; weight_format 1)
 _SMALL_SUFFIXES = ("quant_map", "weight_format")
@@ -29,8 +31,8 @@ class QuantizedWeight:
     """One bitsandbytes weight: its packed tensor, its statistic tensors, and its codec format."""
 
     name: str  # "<m>.weight"
-    codec: str  # "bnb4" | "int8"
-    format: Any  # bnb4.Bnb4Format | int8.Int8Format
+    codec: str  # "bnb4" | "int8" | "fp8"
+    format: Any  # bnb4.Bnb4Format | int8.Int8Format | fp8.Fp8BlockFormat
     packed: TensorRef
     companions: dict[str, TensorRef] = field(default_factory=dict)  # full name -> ref, state-dict order
 
@@ -40,7 +42,7 @@ class QuantizedWeight:
 
     @property
     def dtype(self) -> str | None:
-        """The dtype bitsandbytes dequantizes to (4-bit quant state); None for 8-bit (float32 values)."""
+        """The dtype bitsandbytes dequantizes to (4-bit quant state); None for the others (the model's dtype)."""
         return self.format.dtype if self.codec == "bnb4" else None
 
 
@@ -89,8 +91,31 @@ def _view(tensors: Mapping[str, TensorRef], names: list[str], small: Mapping[str
     return {n: small[n] if _is_small(n) else _meta(tensors[n]) for n in names if n in tensors}
 
 
+READ_QUANT_METHODS = ("bitsandbytes", "fp8")  # config.json quant_method values whose weights are read
+
+
+def check_quant_method(checkpoint: Checkpoint) -> None:
+    """Refuse, by name, a base quantized with a method whose weights are not read: copying its packed
+    tensors into a 16-bit output (and dropping its quantization_config) would make a broken model."""
+    q = (checkpoint.config or {}).get("quantization_config")
+    if not isinstance(q, dict):
+        return
+    method = q.get("quant_method", "bitsandbytes")
+    if method == "compressed-tensors":
+        raise UnsupportedError(
+            f"{checkpoint.root}: compressed-tensors checkpoints (llm-compressor) are not supported yet; "
+            "use a block-FP8 (DeepSeek-style), bitsandbytes or 16-bit base"
+        )
+    if method not in READ_QUANT_METHODS:
+        raise UnsupportedError(
+            f"{checkpoint.root}: config.json's quantization_config has quant_method {method!r}, which streammerge "
+            f"does not read yet (it reads {', '.join(READ_QUANT_METHODS)} and 16-bit bases)"
+        )
+
+
 def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
-    """Every bitsandbytes 4-bit and 8-bit weight of `checkpoint`, keyed by weight name."""
+    """Every quantized weight of `checkpoint` (bitsandbytes 4-bit and 8-bit, block FP8), keyed by weight name."""
+    check_quant_method(checkpoint)
     tensors = checkpoint.tensors
     small = _small_tensors(checkpoint)
     found: dict[str, QuantizedWeight] = {}
@@ -119,6 +144,94 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
         except ValueError as exc:
             raise InputError(f"{checkpoint.root}: bitsandbytes 8-bit weight {name}: {exc}") from None
         found[name] = QuantizedWeight(name, "int8", fmt, tensors[name], {c: tensors[c] for c in comps})
+    for name, q in find_fp8(checkpoint).items():
+        if name in found:
+            raise InputError(f"{checkpoint.root}: {name} has both bitsandbytes statistics and FP8 scales")
+        found[name] = q
+    return found
+
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def fp8_quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The base's block-FP8 ``quantization_config`` (quant_method "fp8"), else None."""
+    q = (config or {}).get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == "fp8" else None
+
+
+def _fp8_block(root, qc: Mapping[str, Any] | None, example: str) -> int:
+    """The tile side config.json gives, after refusing the FP8 schemes not read yet, by name."""
+    method = (qc or {}).get("quant_method") if isinstance(qc, dict) else None
+    if method == "compressed-tensors":
+        raise UnsupportedError(
+            f"{root}: compressed-tensors FP8 checkpoints (llm-compressor) are not supported yet; "
+            "use a block-FP8 (DeepSeek-style) or 16-bit base"
+        )
+    if method != "fp8":
+        raise InputError(
+            f"{root}: {example} is stored as FP8 but config.json has no quantization_config with "
+            f"quant_method 'fp8' (found {method!r}); the checkpoint is incomplete, re-download config.json"
+        )
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise UnsupportedError(f"{root}: FP8 format {qc.get('fmt')!r} is not supported (only e4m3)")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise UnsupportedError(f"{root}: FP8 activation_scheme {qc.get('activation_scheme')!r} is not supported yet "
+                               "(only 'dynamic', as DeepSeek and Qwen ship)")
+    if qc.get("scale_fmt") not in (None, "float", "float32", "fp32"):
+        raise UnsupportedError(f"{root}: FP8 scale_fmt {qc.get('scale_fmt')!r} is not supported yet (float32 scales only)")
+    bs = qc.get("weight_block_size")
+    if bs is None:
+        raise UnsupportedError(f"{root}: per-tensor FP8 scales (no weight_block_size) are not supported yet; "
+                               "block FP8 (weight_block_size [128, 128]) is")
+    if (not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bs)
+            or bs[0] != bs[1] or bs[0] <= 0):
+        raise UnsupportedError(f"{root}: FP8 weight_block_size {bs!r} is not supported (square tiles such as [128, 128] are)")
+    return int(bs[0])
+
+
+def find_fp8(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
+    """Every block-FP8 weight of `checkpoint` (codes + weight_scale_inv), keyed by weight name."""
+    tensors = checkpoint.tensors
+    root = checkpoint.root
+    coded = [n for n, ref in tensors.items() if ref.info.dtype in FP8_DTYPES]
+    scales = [n for n in tensors if n.endswith(SCALE_SUFFIX)]
+    qc = fp8_quantization_config(checkpoint.config)
+    if not coded:
+        if scales:
+            raise InputError(f"{root}: {scales[0]} is an FP8 scale, but its weight {scales[0][: -len(SCALE_SUFFIX)]} "
+                             "is not stored as FP8; the checkpoint is inconsistent, re-download it")
+        if qc is not None:
+            raise InputError(f"{root}: config.json's quantization_config says fp8, but no tensor is stored as FP8; "
+                             "remove quantization_config from config.json if the weights were dequantized")
+        return {}
+    block = _fp8_block(root, (checkpoint.config or {}).get("quantization_config"), coded[0])
+    found: dict[str, QuantizedWeight] = {}
+    for name in coded:
+        info = tensors[name].info
+        if info.dtype != "F8_E4M3":
+            raise UnsupportedError(f"{root}: {name} is {info.dtype}; only F8_E4M3 weights are supported")
+        if not name.endswith(".weight"):
+            raise InputError(f"{root}: {name} is stored as FP8 but is not a '.weight' tensor; the checkpoint is not block FP8")
+        if len(info.shape) != 2:
+            raise UnsupportedError(f"{root}: {name} is a {len(info.shape)}-D FP8 tensor {list(info.shape)}; "
+                                   "stacked FP8 experts are not supported yet (2-D linear weights are)")
+        sname = scale_name(name)
+        sref = tensors.get(sname)
+        if sref is None:
+            raise InputError(f"{root}: the FP8 weight {name} has no scale tensor {sname}; re-download the checkpoint")
+        fmt = Fp8BlockFormat(tuple(info.shape), block)
+        if sref.info.dtype != "F32" or tuple(sref.info.shape) != fmt.scale_shape:
+            raise InputError(
+                f"{root}: {sname} is {sref.info.dtype} {list(sref.info.shape)}, but {list(info.shape)} weights in "
+                f"{block}x{block} tiles need F32 {list(fmt.scale_shape)} (config.json's weight_block_size); "
+                "the checkpoint is inconsistent, re-download it"
+            )
+        found[name] = QuantizedWeight(name, "fp8", fmt, tensors[name], {sname: sref})
+    stray = [n for n in scales if n[: -len(SCALE_SUFFIX)] not in found]
+    if stray:
+        raise InputError(f"{root}: {stray[0]} is an FP8 scale, but {stray[0][: -len(SCALE_SUFFIX)]} is not an FP8 "
+                         "weight; the checkpoint is inconsistent, re-download it")
     return found
 
 

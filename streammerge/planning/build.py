@@ -94,13 +94,14 @@ def _ties(checkpoint: Checkpoint) -> dict[str, str]:
 def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: MergeOptions) -> MergePlan:
     """A pure function of headers + adapters + options (bitsandbytes weights: + their quant-state JSON)."""
     from ..adapters.compose import compose, op_of
-    from .model_info import model_info
+    from .model_info import ignored_on_load, model_info
     from .quant import QuantPlanner
 
     quant = QuantPlanner(checkpoint, options)
 
     composition = compose(checkpoint, adapters, _ties(checkpoint), lambda: model_info(checkpoint),
-                          shapes=quant.logical_shapes(), quantized=set(quant.weights))
+                          shapes=quant.logical_shapes(), quantized=set(quant.weights),
+                          ignored=lambda: ignored_on_load(checkpoint.config))
     pending: list[tuple[TensorSpec, OutputTensor]] = []
     for name, recipe in composition.recipes.items():
         if quant.is_companion(name):
@@ -133,6 +134,8 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     if options.method == "merged_4bit":
         model_dtype = options.dtype or config_model_dtype(checkpoint.config) or "bfloat16"
         qconfig = quant.quantization_config([t for _, t in pending], model_dtype)
+    if options.method == "merged_fp8":
+        qconfig = quant.fp8_quantization_config([t for _, t in pending])
     plan = MergePlan(
         base=checkpoint.label,
         adapters=tuple(
@@ -346,7 +349,8 @@ def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_not
         f"tensors:    {len(plan.tensors)} total: {counts.get('merge', 0)} merged ({n_terms} LoRA terms), "
         f"{counts.get('copy', 0)} copied, {counts.get('cast', 0)} cast"
         + (f", {counts['dequant']} dequantized" if counts.get("dequant") else "")
-        + (f", {counts['quant']} 4-bit tensors" if counts.get("quant") else ""),
+        + (f", {counts['quant']} quantized tensors" if counts.get("quant") else ""),
+        "formats:    " + ", ".join(f"{label} {n} ({format_size(size)})" for label, (n, size) in format_counts(plan).items()),
         "ops:        " + ", ".join(f"{op} {n}" for op, n in sorted(counts.items())),
         "terms:      " + (", ".join(f"{kind} {n}" for kind, n in sorted(plan.term_counts().items())) or "none"),
         f"coverage:   {cov['used']}/{cov['adapter_tensors']} adapter tensors used",
@@ -364,6 +368,23 @@ def summary_lines(plan: MergePlan, *, free_disk: int | None = None, max_rows_not
     for shard in plan.shards:
         lines.append(f"  {shard.filename}: {len(shard.tensors)} tensors, {format_size(shard.size)}")
     return lines
+
+
+def format_counts(plan: MergePlan) -> dict[str, tuple[int, int]]:
+    """Output tensors per stored format: label -> (tensors, bytes), a quantized weight's statistics
+    counted in its weight's bytes; the largest first."""
+    out: dict[str, list[int]] = {}
+    weight_label = {t.name: f"{t.quant_out.codec} {t.quant_out.quant_type}" for t in plan.tensors
+                    if t.quant_out is not None and t.quant_out.part == "weight"}
+    # a copied FP8 weight and its scales count with the FP8 weights written
+    weight_label.update({t.name: "fp8 e4m3" for t in plan.tensors if t.quant_out is None and t.dtype == "F8_E4M3"})
+    for t in plan.tensors:
+        weight = t.quant_out.weight if t.quant_out is not None else t.name.removesuffix("_scale_inv")
+        label = weight_label.get(weight)
+        entry = out.setdefault(label or t.encoding or t.dtype, [0, 0])
+        entry[0] += label is None or weight == t.name
+        entry[1] += t.nbytes
+    return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: -kv[1][1])}
 
 
 def widest_row_bytes(plan: MergePlan) -> int:

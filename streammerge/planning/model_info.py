@@ -64,6 +64,26 @@ def guess_ties(names: set[str]) -> dict[str, str]:
     return {"lm_head.weight": embeddings[0]} if len(embeddings) == 1 else {}
 
 
+def ignored_on_load(config: dict[str, Any] | None) -> list[re.Pattern]:
+    """Checkpoint tensors the model class drops when loading (DeepSeek-V3's multi-token-prediction
+    layer 61, `_keys_to_ignore_on_load_unexpected`): no adapter trained on the model can target them.
+    Read from the class, without building a model."""
+    import transformers
+
+    patterns = []
+    for arch in (config or {}).get("architectures") or []:
+        try:
+            cls = getattr(transformers, arch, None)
+        except Exception:  # a lazily imported class that fails to import
+            cls = None
+        for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []:
+            try:
+                patterns.append(re.compile(p))
+            except (re.error, TypeError):
+                continue
+    return patterns
+
+
 def _auto_config(config: dict[str, Any]):
     from transformers import AutoConfig
 

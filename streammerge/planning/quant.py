@@ -19,12 +19,20 @@ from ..formats.safetensors import FLOAT_DTYPES, FROM_TORCH_NAME, TORCH_NAME, Ten
 from ..options import MergeOptions
 from .types import LoraTerm, OutputTensor, QuantIn, QuantOut, Roundtrip, Source
 from ..formats.codecs import bnb4, bnb4_quantize
-from ..formats.quantized import QuantizedWeight, base_quantization_config, config_dtype, find_quantized
+from ..formats import codecs
+from ..formats.quantized import (
+    QuantizedWeight,
+    base_quantization_config,
+    config_dtype,
+    find_quantized,
+    fp8_quantization_config,
+)
 from .linear_modules import LinearModules, bnb4_quantization_config, linear_modules
 
 DEFAULT_QUANT_TYPE = "nf4"
 DEFAULT_BLOCKSIZE = 64
 DEFAULT_DOUBLE_QUANT = True
+DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size [128, 128]
 
 Entry = tuple[TensorSpec, OutputTensor]
 
@@ -38,6 +46,15 @@ def _part_of(weight: str, tensor_name: str) -> str:
 
 def _module(weight_name: str) -> str:
     return weight_name.removesuffix(".weight")
+
+
+def _is_routed_expert(name: str) -> bool:
+    """A routed MoE expert's projection weight as checkpoints store them: `...mlp.experts.<i>.<proj>.weight`
+    (shared experts are `shared_experts`, not routed)."""
+    parts = name.split(".")
+    return name.endswith(".weight") and any(
+        p == "experts" and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts)
+    )
 
 
 def _the_one(values: list[Any]) -> Any:
@@ -57,9 +74,14 @@ class QuantPlanner:
         self.base_qconfig = base_quantization_config(checkpoint.config)
         self._linear: LinearModules | None | bool = False  # False: not computed yet
         self.targets4: set[str] = set()
+        self.targets8: set[str] = set()
         if options.method == "merged_4bit":
             self.format4 = self._output_format()
             self.targets4 = self._targets4()
+        self.base_fp8 = {n for n, q in self.weights.items() if q.codec == "fp8"}
+        self.block8 = DEFAULT_FP8_BLOCK
+        if options.method == "merged_fp8":
+            self.targets8 = self._targets8()
         if options.base_roundtrip is not None and self.weights:
             raise OptionError(
                 f"--base-roundtrip replaces 16-bit base weights by their 4-bit round trip, but {checkpoint.root} "
@@ -147,6 +169,71 @@ class QuantPlanner:
                 raise PlanError(f"{n}: expected a floating-point 2-D linear weight, got {info.dtype} {list(info.shape)}")
         return names
 
+    # ------------------------------------------------------------------ merged_fp8 settings
+
+    def _targets8(self) -> set[str]:
+        """Weights stored as block FP8 in a merged_fp8 output: an FP8 base's own (its scheme kept),
+        else per --fp8-modules the linear weights transformers' FP8 loader converts (every nn.Linear
+        but lm_head and the kept modules, and each routed expert's projections) or the experts only,
+        of those the ones made of whole tiles."""
+        if self.base_fp8:
+            if self.options.fp8_modules is not None:
+                raise OptionError(
+                    f"--fp8-modules applies to a 16-bit base; {self.checkpoint.root} is FP8 already and its merge "
+                    "keeps the base's own scheme (which modules are FP8, its quantization_config)"
+                )
+            fmts = {self.weights[n].format.block for n in self.base_fp8}
+            self.block8 = fmts.pop()
+            return set(self.base_fp8)
+        if self.weights:
+            raise UnsupportedError(
+                f"--method merged_fp8 from a bitsandbytes base ({self.checkpoint.root}) is not supported; "
+                "merge to merged_16bit first, or use merged_4bit"
+            )
+        mode = self.options.fp8_modules or "all-linear"
+        names = {n for n, ref in self.checkpoint.tensors.items() if _is_routed_expert(n) and len(ref.info.shape) == 2}
+        if mode == "all-linear":
+            lm = self._require_linear("--method merged_fp8 from a 16-bit base")
+            if lm.conv1d:
+                raise UnsupportedError(
+                    f"--method merged_fp8: {len(lm.conv1d)} Conv1D layer(s) (GPT-2 style, e.g. {sorted(lm.conv1d)[0]!r}) "
+                    "store their weights transposed, which block FP8 does not; use --method merged_16bit"
+                )
+            names |= {f"{m}.weight" for m in lm.quantized if f"{m}.weight" in self.checkpoint.tensors}
+        # transformers' quantizer leaves a weight whose sides are not whole tiles in 16 bits (and its
+        # CPU loader could not dequantize edge tiles): so do we, listing it in modules_to_not_convert
+        names = {n for n in names if all(d % self.block8 == 0 for d in self.checkpoint.tensors[n].info.shape)}
+        if not names:
+            raise UnsupportedError(
+                f"--method merged_fp8 --fp8-modules {mode}: {self.checkpoint.root} has no "
+                f"{'routed expert' if mode == 'experts' else 'linear'} weights to store as FP8 (2-D, both sides "
+                f"multiples of {self.block8}); use --method merged_16bit"
+            )
+        for n in names:
+            info = self.checkpoint.tensors[n].info
+            if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+                raise PlanError(f"{n}: expected a floating-point 2-D linear weight, got {info.dtype} {list(info.shape)}")
+        return names
+
+    def fp8_quantization_config(self, plan_tensors: list[OutputTensor]) -> dict[str, Any]:
+        """An FP8 base's quantization_config as it is; for a 16-bit base DeepSeek-V3's, naming the
+        linear modules kept 16-bit (so a loader does not expect FP8 where there is none)."""
+        own = fp8_quantization_config(self.checkpoint.config)
+        if own is not None:
+            return dict(own)
+        fp8 = {_module(t.name) for t in plan_tensors if t.quant_out is not None and t.quant_out.codec == "fp8"}
+        lm = self.linear()
+        kept = set(lm.linear) if lm is not None else set()
+        kept |= {_module(t.name) for t in plan_tensors
+                 if t.quant_out is None and t.name.endswith(".weight") and len(t.shape) == 2 and t.dtype in FLOAT_DTYPES
+                 and (lm is None or _module(t.name) in lm.linear or _is_routed_expert(t.name))}
+        qc: dict[str, Any] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [self.block8, self.block8]}
+        not_converted = sorted(kept - fp8)
+        if not_converted:
+            qc["modules_to_not_convert"] = not_converted
+        return qc
+
     def skip_modules(self, plan_tensors: list[OutputTensor]) -> list[str]:
         """Modules kept 16-bit in a merged_4bit output: every linear layer not quantized in it (per
         transformers, when it can build the model) and every module with a 16-bit >= 2-D weight."""
@@ -189,6 +276,8 @@ class QuantPlanner:
         q = self.weights.get(name)
         if name in self.targets4:
             return self._quant4(name, ref, q, loras)
+        if name in self.targets8:
+            return self._quant8(name, ref, q, loras)
         if q is not None:
             return [self._dequant(name, q, loras)]
         return None
@@ -227,6 +316,26 @@ class QuantPlanner:
             else:  # derived from the weight's statistics; the weight's entry carries source and LoRA terms
                 t = OutputTensor(spec.name, sdtype, spec.shape, "quant", source, quant_out=qo)
             out.append((TensorSpec(spec.name, sdtype, spec.shape), t))
+        return out
+
+    def _quant8(self, name: str, ref: TensorRef, q: QuantizedWeight | None, loras: tuple[LoraTerm, ...]) -> list[Entry]:
+        """A block-FP8 output weight: its e4m3 codes (streamed, carrying source and LoRA terms) and
+        its weight_scale_inv (from the same pass's tile maxima); an untouched FP8 weight is copied."""
+        if q is not None and not loras:
+            return [self._copy(n, r) for n, r in [(name, q.packed), *q.companions.items()]]
+        shape = q.shape if q is not None else tuple(ref.info.shape)
+        dtype = self.options.dtype or (self.int8_dtype() if q is not None else TORCH_NAME[ref.info.dtype])
+        source = Source.of(ref.file, ref.info)
+        out = []
+        for i, (tname, sdtype, tshape) in enumerate(codecs.get("fp8").output_specs(name, shape, self.block8)):
+            qo = QuantOut("weight" if i == 0 else "weight_scale_inv", name, tuple(shape), "e4m3",
+                          self.block8, False, dtype, codec="fp8")
+            if i == 0:
+                t = OutputTensor(tname, sdtype, tshape, "quant", source, loras,
+                                 quant_in=self._quant_in(q) if q is not None else None, quant_out=qo)
+            else:
+                t = OutputTensor(tname, sdtype, tshape, "quant", source, quant_out=qo)
+            out.append((TensorSpec(tname, sdtype, tshape), t))
         return out
 
     @staticmethod

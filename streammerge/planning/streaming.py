@@ -1,7 +1,7 @@
 """What the codecs involved in one output tensor ask of those who stream it.
 
-A tensor may read a quantized source (`quant_in`), write (part of) a bitsandbytes 4-bit weight
-(`quant_out`), round-trip its base through 4-bit (`roundtrip`) or store an encoding of its float32
+A tensor may read a quantized source (`quant_in`), write (part of) a quantized weight
+(`quant_out`: bitsandbytes 4-bit, block FP8), round-trip its base through 4-bit (`roundtrip`) or store an encoding of its float32
 rows (`encoding`). The executor, the GGUF layout and the verifier ask here where a chunk's source
 bytes are, at which rows a chunk may start and what per-tensor state the codecs hold; the answers
 come from the codecs, found by name in the registry.
@@ -33,7 +33,7 @@ def row_alignment(t: OutputTensor) -> int:
     if t.quant_in is not None:
         align = math.lcm(align, codecs.get(t.quant_in.codec).source_alignment(t.quant_in.format))
     if t.quant_out is not None and t.quant_out.part == "weight":
-        align = math.lcm(align, codecs.get("bnb4").block_alignment(width, t.quant_out.blocksize))
+        align = math.lcm(align, output_codec(t.quant_out).block_alignment(width, t.quant_out.blocksize))
     if t.roundtrip is not None:
         align = math.lcm(align, codecs.get("bnb4").block_alignment(width, t.roundtrip.blocksize))
     if t.encoding is not None:
@@ -62,11 +62,10 @@ def state_bytes(t: OutputTensor) -> int:
     total = 0
     if t.quant_in is not None:
         total += codecs.get(t.quant_in.codec).source_state_bytes(t.quant_in.format, rows_and_width(t.weight_shape)[0])
-    bnb4 = codecs.get("bnb4")
-    for bs in ([t.quant_out.blocksize] if t.quant_out is not None else []) + (
-        [t.roundtrip.blocksize] if t.roundtrip is not None else []
-    ):
-        total += bnb4.output_state_bytes(n, bs)
+    if t.quant_out is not None:
+        total += output_codec(t.quant_out).output_state_bytes(n, t.quant_out.blocksize)
+    if t.roundtrip is not None:
+        total += codecs.get("bnb4").output_state_bytes(n, t.roundtrip.blocksize)
     return total
 
 
@@ -96,13 +95,29 @@ def roundtrip(t: OutputTensor, device):
     return codecs.get("bnb4").roundtrip(tuple(t.weight_shape), TORCH_NAME[t.source.dtype], t.roundtrip, device)
 
 
+def output_codec(qo):
+    """The quantized-weight codec that writes output part `qo`."""
+    return codecs.get(qo.codec)
+
+
 def output_quantizer(qo):
-    return codecs.get("bnb4").quantizer(qo)
+    return output_codec(qo).quantizer(qo)
 
 
 def constant_part(qo):
-    return codecs.get("bnb4").constant_part(qo)
+    return output_codec(qo).constant_part(qo)
 
 
 def part_tensor(stats, qo):
-    return codecs.get("bnb4").part_tensor(stats, qo)
+    return output_codec(qo).part_tensor(stats, qo)
+
+
+def stash_part(qo) -> str:
+    """The statistic a pass over the weight yields whole (absmax; weight_scale_inv): kept from the
+    weight's last pass for its tensor, else measured by a statistics pass of its own."""
+    return output_codec(qo).stash_part
+
+
+def small_parts(qo) -> tuple[str, ...]:
+    """Statistics kept from the weight's pass until their tensors are written."""
+    return output_codec(qo).small_parts

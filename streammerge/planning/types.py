@@ -98,7 +98,9 @@ QUANT_PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_m
 
 @dataclass(frozen=True)
 class QuantOut:
-    """One tensor of a bitsandbytes 4-bit output weight, as `quantize_4bit` + `QuantState.as_dict` make it.
+    """One tensor of a quantized output weight: bitsandbytes 4-bit (as `quantize_4bit` + `QuantState.as_dict`
+    make it; parts in QUANT_PARTS) or block FP8 (`weight` + `weight_scale_inv`; quant_type "e4m3",
+    blocksize the tile side).
 
     The `weight` part (packed bytes) carries the source and the LoRA terms; the statistic parts name
     that tensor in `weight` and are derived from the merged weight's per-block absmax.
@@ -110,8 +112,9 @@ class QuantOut:
     quant_type: str
     blocksize: int
     double_quant: bool
-    dtype: str  # quant-state dtype: what dequantize_4bit returns
+    dtype: str  # quant-state dtype: what dequantize_4bit returns (block FP8: the model's dtype)
     quant_storage: str = "uint8"
+    codec: str = "bnb4"  # the quantized-weight codec that writes it ("bnb4" | "fp8")
 
     @property
     def exact_size(self) -> bool:

@@ -180,12 +180,13 @@ class ChunkCompute:
         tensor = chunk.tensor
         if tensor.encoding is not None:
             return self._encode_into(chunk, buf, length, out_buf, st, tiles)
-        if tensor.op == "quant":  # the packed bytes of a 4-bit output weight
+        if tensor.op == "quant":  # the codes of a quantized output weight (4-bit packed, FP8)
             width = _rows_and_width(tensor.weight_shape)[1]
-            out_len = (chunk.rows * width + 1) // 2
+            size = qs.output_codec(tensor.quant_out).out_bytes
+            out_len = size(chunk.rows * width)
             packed = torch.frombuffer(out_buf, dtype=torch.uint8, count=out_len)
             for t0, rows in self._merged_pieces(chunk, buf, length, st, tiles):
-                out = packed[t0 * width // 2: (t0 * width + rows.numel() + 1) // 2]
+                out = packed[size(t0 * width): size(t0 * width + rows.numel())]
                 if rows.device.type == "cpu":
                     st.quantizer.pack(rows, out)
                 else:

@@ -1,5 +1,5 @@
-"""Output tensors derived rather than streamed: a 4-bit output weight's statistics (absmax, code
-books, quant state) and generated tensors (GGUF's rope_freqs), and the shard layouts as resolved
+"""Output tensors derived rather than streamed: a quantized output weight's statistics (absmax, code
+books, quant state; FP8 tile scales) and generated tensors (GGUF's rope_freqs), and the shard layouts as resolved
 once the double-quant quant-state lengths are known (see `schedule.schedule`).
 """
 
@@ -36,14 +36,16 @@ class DerivedParts:
                 self._parts_left[t.quant_out.weight] = self._parts_left.get(t.quant_out.weight, 0) + 1
 
     def remember(self, weight: str, qo, stats: dict[str, torch.Tensor]) -> None:
-        small = {"quant_state": qs.part_tensor(stats, replace(qo, part="quant_state"))}
-        if "nested_absmax" in stats:
-            small["nested_absmax"] = stats["nested_absmax"]
+        small = {}
+        for part in qs.small_parts(qo):
+            if part == "nested_absmax" and part not in stats:
+                continue
+            small[part] = qs.part_tensor(stats, replace(qo, part=part))
         before = self._small.get(weight)
-        if before is not None and not torch.equal(before["quant_state"], small["quant_state"]):
+        if before is not None and any(not torch.equal(before[k], v) for k, v in small.items() if k in before):
             raise ExecutionError(f"internal error: the statistics of {weight} differ between two passes")
         self._small[weight] = small
-        self._stash = (weight, stats["absmax"])
+        self._stash = (weight, stats[qs.stash_part(qo)])
 
     def resolve(self, shard: OutputShard) -> OutputShard:
         """The shard with the double-quant JSON lengths its statistics pass found (see resize_shard)."""
@@ -64,15 +66,15 @@ class DerivedParts:
         return resolved
 
     def part_bytes(self, tensor: OutputTensor) -> memoryview:
-        """Bytes of a 4-bit output's statistic tensor, from the code books or its weight's statistics."""
+        """Bytes of a quantized output's statistic tensor, from the code books or its weight's statistics."""
         if tensor.op == "constant":  # a generated tensor (GGUF's rope_freqs): its values, encoded
             rows = torch.tensor(tensor.values, dtype=torch.float32).reshape(_rows_and_width(tensor.shape)[0], -1)
             return encoded.encode(rows, tensor.encoding, None)
         qo = tensor.quant_out
         data = qs.constant_part(qo)
-        if data is None and qo.part == "absmax":
+        if data is None and qo.part == qs.stash_part(qo):
             if self._stash is None or self._stash[0] != qo.weight:
-                raise ExecutionError(f"internal error: the absmax of {qo.weight} is not at hand")
+                raise ExecutionError(f"internal error: the {qo.part} of {qo.weight} is not at hand")
             data, self._stash = self._stash[1], None
         elif data is None:
             data = self._small[qo.weight][qo.part]

@@ -210,9 +210,10 @@ def schedule(plan: MergePlan, done: Collection[str] = frozenset(), finished: Col
                     known.add(t.name)
                     last[0] = t.name
                 continue
-            if qo.part == "absmax" and last[0] != qo.weight:
-                yield from stats(qo.weight)
-            elif qo.part in ("nested_absmax", "quant_state") and qo.weight not in known:
+            if qo.part == qs.stash_part(qo):
+                if last[0] != qo.weight:
+                    yield from stats(qo.weight)
+            elif qo.part in qs.small_parts(qo) and qo.weight not in known:
                 yield from stats(qo.weight)
             yield ("part", t)
         yield ("close", shard)

@@ -72,7 +72,7 @@ def base_row_bytes(t: OutputTensor) -> int:
 def out_row_bytes(t: OutputTensor) -> int:
     width = _rows_and_width(t.weight_shape)[1]
     if t.quant_out is not None:
-        return -(-width // 2) + 1 if t.quant_out.part == "weight" else 0
+        return qs.output_codec(t.quant_out).out_bytes(width) + 1 if t.quant_out.part == "weight" else 0
     if t.encoding is not None:
         return codecs.get(t.encoding).row_bytes(width)
     return width * ITEMSIZE[t.dtype]

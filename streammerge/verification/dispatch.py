@@ -25,6 +25,7 @@ from .checks import (
     state_bytes,
 )
 from .encoded import EncodedCheck
+from .fp8 import Fp8WeightCheck
 from .linear import LinearElementCheck
 from .probe import PROBED_KINDS, LinearLoraCheck
 from .quant import QuantPartCheck, QuantWeightCheck
@@ -102,7 +103,7 @@ def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
         if check_class(t) is not None:
             continue
         kinds = [term.kind for term in t.loras if term.kind not in KNOWN_KINDS]
-        if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
+        if t.quant_in is not None and not _decodable(t.quant_in.codec):
             kinds.append(f"{t.quant_in.codec} base")
         if t.encoding is not None and not kinds:
             kinds.append(f"{t.encoding} encoding")
@@ -115,7 +116,7 @@ def unverifiable(plan: MergePlan) -> dict[str, list[str]]:
 def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None:
     """The check for one planned tensor (None: this verifier cannot check it). Plain linear LoRA merges
     are checked element by element (`LinearElementCheck`), or by the probe test with `fast`."""
-    if t.quant_in is not None and t.quant_in.codec not in ("bnb4", "int8"):
+    if t.quant_in is not None and not _decodable(t.quant_in.codec):
         return None
     if any(term.kind not in KNOWN_KINDS for term in t.loras):
         return None
@@ -124,7 +125,9 @@ def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None
     if t.op == "quant":
         if t.quant_out is None:
             return None
-        return QuantWeightCheck if t.quant_out.part == "weight" else QuantPartCheck
+        if t.quant_out.part != "weight":
+            return QuantPartCheck  # a statistic: checked by value, or with its weight
+        return Fp8WeightCheck if t.quant_out.codec == "fp8" else QuantWeightCheck
     if t.op == "merge":
         probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
         if probed:
@@ -133,6 +136,12 @@ def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None
     if t.op in ("bias_add", "token_rows", "dequant"):
         return RecomputeCheck
     return {"copy": BytesCheck, "cast": CastCheck, "replace": ReplaceCheck}.get(t.op)
+
+
+def _decodable(codec: str) -> bool:
+    """A quantized source the checks can decode (its codec gives a row decoder)."""
+    found = codecs.find(codec)
+    return found is not None and hasattr(found, "decoder")
 
 
 KNOWN_KINDS = ("lora", "embedding", "dora", "moe", "bias", "token_rows")

@@ -25,6 +25,8 @@ Read = Callable[[str], torch.Tensor]  # companion tensor name -> its stored valu
 class Bnb4Codec(Codec):
     name = "bnb4"
     description = "bitsandbytes 4-bit (nf4/fp4) blocks, statistics in companion tensors"
+    stash_part = "absmax"  # the statistic kept from the weight's last pass for its tensor
+    small_parts = ("quant_state", "nested_absmax")  # statistics kept until written
 
     @staticmethod
     def format(fmt_json: dict[str, Any]) -> bnb4.Bnb4Format:
@@ -47,6 +49,10 @@ class Bnb4Codec(Codec):
 
     def output_state_bytes(self, elements: int, blocksize: int) -> int:
         return -(-elements // blocksize) * 4 * 6  # chunk absmax list, concatenation, double quant, stash
+
+    def out_bytes(self, elements: int) -> int:
+        """Packed bytes of the first `elements` values (two per byte)."""
+        return (elements + 1) // 2
 
     def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
         """Safetensors dtype of the rows `decoder` returns (bitsandbytes dequantizes to the quant state's dtype)."""
