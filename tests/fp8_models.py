@@ -52,9 +52,11 @@ def is_linear_weight(name: str) -> bool:
     return name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
 
 
-def quantize_folder(dense: Path, out: Path, block: int, select: Callable[[str], bool] = is_linear_weight) -> Path:
+def quantize_folder(dense: Path, out: Path, block: int, select: Callable[[str], bool] = is_linear_weight,
+                    shards: int = 1) -> Path:
     """A copy of the safetensors model in `dense` with the `select`ed weights in block FP8 (e4m3 codes
-    + weight_scale_inv) and config.json's quantization_config set; other tensors as they were."""
+    + weight_scale_inv) and config.json's quantization_config set; other tensors as they were; in
+    `shards` files (names in order, a weight and its scale together) with an index when more than one."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for f in sorted(dense.glob("*.safetensors")):
@@ -65,7 +67,23 @@ def quantize_folder(dense: Path, out: Path, block: int, select: Callable[[str], 
                 tensors[name + SCALE] = inv
             else:
                 tensors[name] = value
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = sorted(n for n in tensors if not n.endswith(SCALE))
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for i in range(shards):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {}
+            for n in names[i * per:(i + 1) * per]:
+                part[n] = tensors[n]
+                if n + SCALE in tensors:
+                    part[n + SCALE] = tensors[n + SCALE]
+            save_file(part, str(out / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in part})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = json.loads((dense / "config.json").read_text())
     config["quantization_config"] = fp8_config(block)
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -89,3 +107,13 @@ def dequantized_state(folder: Path, block: int) -> dict[str, torch.Tensor]:
         else:
             out[name] = value.float()
     return out
+
+
+def header(file: Path) -> dict:
+    """A safetensors file's header entries in file order (metadata left out)."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        entries = json.loads(fh.read(n))
+    entries.pop("__metadata__", None)
+    return dict(sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+

@@ -432,11 +432,12 @@ def test_deepseek_merged_fp8_bytes_equal_reference(deepseek_case, tmp_path):
     assert torch.equal(_logits(out, case.input_ids), _logits(reference, case.input_ids))
 
 
-def test_merged_fp8_killed_mid_shard_resumes_byte_identical(fp8_case, tmp_path):
+def test_merged_fp8_keeps_the_base_shards_and_resumes_byte_identical(dense_qwen3, tmp_path):
     from test_resume import files, kill_when, merge, start
 
-    base, case = fp8_case
-    opts = ("--method", "merged_fp8", "--max-shard-size", "30KB", "--max-chunk-rows", str(BLOCK))
+    base = F.quantize_folder(dense_qwen3, tmp_path / "base", BLOCK, shards=3)
+    case = streammerge_adapter(base, tmp_path / "lora")
+    opts = ("--method", "merged_fp8", "--max-chunk-rows", str(BLOCK))
     reference = tmp_path / "ref"
     res = merge(base, case.adapter_path, reference, *opts, "--quiet")
     assert res.returncode == 0, res.stderr
@@ -452,5 +453,16 @@ def test_merged_fp8_killed_mid_shard_resumes_byte_identical(fp8_case, tmp_path):
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.split("resumed: ")[1].split("/")[0]) >= frozen["tensors"]
     ours, ref = files(out), files(reference)
-    shards = [n for n in ref if n.endswith(".safetensors")]
-    assert len(shards) > 1 and all(ours[n] == ref[n] for n in shards)
+    shards = sorted(n for n in ref if n.endswith(".safetensors"))
+    assert shards == sorted(p.name for p in base.glob("*.safetensors"))  # the base's files, as its publisher cut them
+    assert all(ours[n] == ref[n] for n in shards)
+    index = json.loads(ours["model.safetensors.index.json"])
+    assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    for n in shards:  # every tensor where the base holds it, in the same order
+        assert list(F.header(out / n)) == list(F.header(base / n))
+
+
+def streammerge_adapter(base: Path, out: Path):
+    import models
+
+    return models.build_adapter(base, out, target_modules=["q_proj", "down_proj"])

@@ -40,8 +40,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = False, compact: bool = False) -> None:
+    """`compact`: one line, for files read by programs only (json's C encoder; a 90k-tensor plan in
+    a fraction of the indented time)."""
+    text = json.dumps(data, separators=(",", ":"), sort_keys=sort_keys) if compact else json.dumps(data, indent=2, sort_keys=sort_keys)
+    atomic_write_text(path, text + "\n")
 
 
 def looks_like_model_folder(path: Path) -> bool:

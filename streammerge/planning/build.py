@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..adapters.load import Adapter
@@ -123,9 +124,12 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     if codec is not None:  # a registered codec's method: the tensors it stores, encoded; the rest cast
         pending = [_encoded(codec, spec, t) for spec, t in pending]
     by_name = {spec.name: tensor for spec, tensor in pending}
-    groups = split_into_shards([spec for spec, _ in pending], options.max_shard_size)
-    shards = [layout_shard(filename, [by_name[spec.name] for spec in group])
-              for filename, group in zip(shard_filenames(len(groups)), groups)]
+    if options.method == "merged_fp8" and quant.base_fp8:
+        named = _base_shards(checkpoint, pending)
+    else:
+        groups = split_into_shards([spec for spec, _ in pending], options.max_shard_size)
+        named = list(zip(shard_filenames(len(groups)), groups))
+    shards = [layout_shard(filename, [by_name[spec.name] for spec in group]) for filename, group in named]
 
     qconfig = None
     if codec is not None:
@@ -151,6 +155,17 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     return dataclasses.replace(plan, adapters=tuple(
         {**info, "used": sum(1 for n in a.header.tensors if u.get(n) == 1)} for info, a, u in zip(plan.adapters, adapters, used)
     ))
+
+
+def _base_shards(checkpoint: Checkpoint, pending: Sequence[tuple[TensorSpec, OutputTensor]]) -> list[tuple[str, list[TensorSpec]]]:
+    """The base's own shards (file names and which tensors each holds): a merged_fp8 output of an FP8
+    base keeps every tensor's size, so it is laid out as its publisher laid out the base (an untied
+    copy goes with its source)."""
+    files: dict[str, list[TensorSpec]] = {}
+    for spec, tensor in pending:
+        ref = checkpoint.tensors.get(spec.name)
+        files.setdefault(Path(ref.file if ref is not None else tensor.source.file).name, []).append(spec)
+    return sorted(files.items())
 
 
 def _encoded(codec, spec: TensorSpec, t: OutputTensor) -> tuple[TensorSpec, OutputTensor]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass, field
+import functools
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,7 +236,7 @@ class MergePlan:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _plain(self)
         for shard in data["shards"]:  # fields at their defaults are left out: the JSON of a plain plan
             _drop_defaults(shard, _SHARD_DEFAULTS)
             if shard.get("header") is not None:
@@ -284,6 +285,32 @@ class MergePlan:
             untied=tuple(tuple(p) for p in data.get("untied", ())),
             quantization_config=data.get("quantization_config"),
         )
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+_LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` without its deep copy of every leaf (a 90k-tensor plan several times faster)."""
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is tuple or kind is list:
+        return kind(v if type(v) in _LEAVES else _plain(v) for v in value)
+    if kind is dict:
+        return {k: v if type(v) in _LEAVES else _plain(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for name in _field_names(kind):
+            v = getattr(value, name)
+            out[name] = v if type(v) in _LEAVES else _plain(v)
+        return out
+    return value
 
 
 _TENSOR_DEFAULTS = {"encoding": None, "logical_shape": None, "transform": None, "values": None}

@@ -41,6 +41,12 @@ from .pipeline import (
 )
 from .schedule import READ_BUFFERS, WRITE_BUFFERS, Pass, chunks_of, is_passthrough, plan_layout, schedule
 
+def _plain_copy(tensor: OutputTensor) -> bool:
+    """A tensor written as its source bytes, in one piece."""
+    return (tensor.op == "copy" and tensor.encoding is None and tensor.quant_in is None and tensor.end > tensor.start
+            and tensor.source.end - tensor.source.start == tensor.end - tensor.start)
+
+
 def _pass_files(tensor: OutputTensor) -> list[str]:
     """Input files a pass over `tensor` reads: its source, and a bitsandbytes weight's statistics."""
     files = [tensor.source.file]
@@ -128,9 +134,15 @@ class Executor:
                 if item[0] == "pass":
                     for f in _pass_files(item[1].tensor):
                         last_read[f] = i
-            for i, item in enumerate(items):
+            i = 0
+            exact = True  # the open shard's offsets are final (no data-dependent part sizes)
+            while i < len(items):
+                item = items[i]
                 if item[0] != "pass":
+                    if item[0] == "open":
+                        exact = all(t.quant_out is None or t.quant_out.exact_size for t in item[1].tensors)
                     _put(out_q, item, self._cancelled)  # open / part / close pass through in order
+                    i += 1
                     continue
                 p: Pass = item[1]
                 src = p.tensor.source
@@ -139,15 +151,17 @@ class Executor:
                         self.inputs.acquire(f, self._cancelled)
                     if self._cancelled.is_set():
                         raise Stop
-                # a quantized source's statistics, read here so that the reader owns every read of a base file
-                stats = {c.name: self._read_whole(c) for c in p.tensor.quant_in.companions} if p.tensor.quant_in else None
-                for chunk in chunks_of(p.tensor, self.layout, self.plan.options.max_chunk_rows, p.purpose):
-                    offset, length = qs.source_span(p.tensor, chunk.row_start, chunk.row_stop)
+                run = self._copy_run(items, i, self.layout.buffer_bytes) if exact else [p.tensor]
+                if len(run) > 1:  # copies back to back in source and output: one read, one hand-over
+                    length = run[-1].source.end - src.start
                     buf = pool.take()
                     fd = self._fd(src.file)
-                    pread_exact(fd, memoryview(buf)[:length], offset, src.file)
-                    release_cache(fd, offset, length)
-                    _put(out_q, ("chunk", chunk, buf, length, stats if chunk.first else None), self._cancelled)
+                    pread_exact(fd, memoryview(buf)[:length], src.start, src.file)
+                    release_cache(fd, src.start, length)
+                    _put(out_q, ("copies", tuple(run), buf, length), self._cancelled)
+                    i += len(run) - 1
+                else:
+                    self._read_pass(p, pool, out_q)
                 if self.inputs is not None:
                     for f in _pass_files(p.tensor):
                         if last_read[f] == i and f not in self._factor_files:
@@ -156,11 +170,45 @@ class Executor:
                             if fd is not None:
                                 os.close(fd)  # its bytes are in our buffers now
                             self.inputs.release(f)
+                i += 1
             _put(out_q, None, self._cancelled)
         except Stop:
             pass
         except BaseException as exc:
             self._fail(exc)
+
+    def _read_pass(self, p: Pass, pool: Pool, out_q: queue.Queue) -> None:
+        src = p.tensor.source
+        # a quantized source's statistics, read here so that the reader owns every read of a base file
+        stats = {c.name: self._read_whole(c) for c in p.tensor.quant_in.companions} if p.tensor.quant_in else None
+        for chunk in chunks_of(p.tensor, self.layout, self.plan.options.max_chunk_rows, p.purpose):
+            offset, length = qs.source_span(p.tensor, chunk.row_start, chunk.row_stop)
+            buf = pool.take()
+            fd = self._fd(src.file)
+            pread_exact(fd, memoryview(buf)[:length], offset, src.file)
+            release_cache(fd, offset, length)
+            _put(out_q, ("chunk", chunk, buf, length, stats if chunk.first else None), self._cancelled)
+
+    @staticmethod
+    def _copy_run(items: list, i: int, limit: int) -> list[OutputTensor]:
+        """The copies from items[i] on that lie back to back in one source file and in the output
+        and fit one buffer together (a 90k-tensor checkpoint is mostly such runs): the per-tensor
+        hand-overs between the threads, not the bytes, would bound its pace."""
+        first = items[i][1].tensor
+        if not _plain_copy(first):
+            return [first]
+        run, size = [first], first.end - first.start
+        for j in range(i + 1, len(items)):
+            item = items[j]
+            if item[0] != "pass" or not _plain_copy(t := item[1].tensor) or item[1].purpose != "write":
+                break
+            prev = run[-1]
+            if (t.source.file != prev.source.file or t.source.start != prev.source.end or t.start != prev.end
+                    or size + t.end - t.start > limit):
+                break
+            run.append(t)
+            size += t.end - t.start
+        return run
 
     def _stage(self, work: Callable[..., None], *args) -> None:
         """A writing thread's body: its failure stops the run (a full disk as DiskFullError)."""
@@ -191,7 +239,7 @@ class Executor:
                 item = ("open", shard, writer)
                 if bar is not None:
                     bar.update(writer.position)
-            elif kind == "data":
+            elif kind in ("data", "copies"):
                 writer.write(item[1], hash=False)
                 if bar is not None:
                     bar.update(len(item[1]))
@@ -219,6 +267,17 @@ class Executor:
                 stats.tensors_done += 1
                 if self.on_tensor_done is not None:
                     self.on_tensor_done(shard, item[1], writer.running_sha256())
+            elif kind == "copies":  # a run of tensors: the shard's digest at each one's end, as if one by one
+                _, data, release, placed = item
+                at = 0
+                for t in placed:
+                    writer.absorb(data[at:at + t.end - t.start])
+                    at += t.end - t.start
+                    stats.tensors_done += 1
+                    if self.on_tensor_done is not None:
+                        self.on_tensor_done(shard, t, writer.running_sha256())
+                release()
+                stats.bytes_written += len(data)
             elif kind == "close":
                 sha = writer.commit(rename=item[1].filename not in self.hold)
                 self._open_writers.remove(writer)
@@ -299,6 +358,13 @@ class Executor:
                     shard = self.parts.resolved[item[1].filename]
                     self._fill_to(write_q, shard.size)  # a container's padding after the last tensor
                     _put(write_q, ("close", shard), self._cancelled)
+                    continue
+                if kind == "copies":
+                    _, run, buf, length = item
+                    placed = [self.parts.current.get(t.name, t) for t in run]
+                    self._fill_to(write_q, placed[0].start)
+                    _put(write_q, ("copies", memoryview(buf)[:length], lambda b=buf: read_pool.give(b), placed), self._cancelled)
+                    self._position += length
                     continue
                 if kind == "part":
                     self._fill_to(write_q, self.parts.current[item[1].name].start)

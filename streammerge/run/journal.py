@@ -412,14 +412,14 @@ class Run:
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir()
-            atomic_write_json(folder / PLAN_FILE, self.plan.to_dict())
+            atomic_write_json(folder / PLAN_FILE, self.plan.to_dict(), compact=True)
             (folder / JOURNAL_FILE).touch()
             atomic_write_json(folder / FINGERPRINT_FILE, self.fp)
         else:
             rewrite_records(folder / JOURNAL_FILE, self.resume.records)
             for path in self.resume.stale:
                 path.unlink(missing_ok=True)
-            atomic_write_json(folder / PLAN_FILE, self.plan.to_dict())  # input paths may have moved
+            atomic_write_json(folder / PLAN_FILE, self.plan.to_dict(), compact=True)  # input paths may have moved
         self.journal = Journal(folder / JOURNAL_FILE)
 
     def close(self) -> None:
