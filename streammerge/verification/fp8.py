@@ -58,13 +58,8 @@ class Fp8WeightCheck(RecomputeCheck):
         o.copy_(self.decoder.rows(raw.to(self.ctx.device), r0, r0 + (b - a)))
 
     def _tolerance(self, o, w, e, ab, bound, scratch, r0, a, chunk) -> None:
-        n = o.shape[0]
         row0 = chunk.row_start + a
-        block = self.qo.blocksize
-        s = self.decoder.scales[row0 // block: -(-(row0 + n) // block)]
-        index = torch.arange(row0, row0 + n, device=s.device) // block - row0 // block
-        per_element = s[index].repeat_interleave(block, dim=1)[:, : self.width]
-        bound.copy_(per_element).mul_(E4M3_SUBNORMAL_HALF_STEP)
+        bound.copy_(self.decoder.element_scales(row0, row0 + o.shape[0])).mul_(E4M3_SUBNORMAL_HALF_STEP)
         bound.add_(scratch.copy_(o).abs_(), alpha=E4M3_HALF_ULP + 2 * U32)
         bound.add_(scratch.copy_(e).abs_(), alpha=2 * U32 + self.rho)
         bound.add_(ab, alpha=self.eps)

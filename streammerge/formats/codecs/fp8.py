@@ -127,9 +127,10 @@ def quantize_rows(rows: torch.Tensor, row_start: int, block: int, out: torch.Ten
     scale, inv = scales_of(tile_amax(rows, block))
     codes = out if out is not None else torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
     codes = codes.view(rows.shape)
+    work = torch.empty((min(block, rows.shape[0]), rows.shape[1]), dtype=torch.float32, device=rows.device)
     for i in range(scale.shape[0]):  # one tile row at a time: one float32 temporary of B rows
         part = rows[i * block:(i + 1) * block]
-        scaled = torch.empty_like(part)
+        scaled = work[: part.shape[0]]
         tiles, rest = _tile_view(part, block)
         st, sr = _tile_view(scaled, block)
         torch.mul(tiles, scale[i, None, : tiles.shape[1], None], out=st)
@@ -207,6 +208,12 @@ class Fp8Decoder:
         b = self.fmt.block
         codes = raw.view(row_stop - row_start, self.fmt.shape[1])
         return dequantize_rows(codes, self.scales[row_start // b: -(-row_stop // b)], row_start, b)
+
+    def element_scales(self, row_start: int, row_stop: int) -> torch.Tensor:
+        """The scale of every element of rows [row_start, row_stop) (float32 [rows, width]; for verify)."""
+        b = self.fmt.block
+        s = expand_rows(self.scales[row_start // b: -(-row_stop // b)], row_start, row_stop - row_start, b)
+        return s.repeat_interleave(b, dim=1)[:, : self.fmt.shape[1]]
 
 
 class Fp8Quantizer:
