@@ -24,6 +24,7 @@ EPILOG = """examples:
   streammerge verify ./merged --base ./base --adapter ./lora-a --adapter ./lora-b@0.5 --dtype bfloat16
   streammerge merge ./llama-8b ./my-lora --out ./gguf --method gguf --gguf-type q8_0
   streammerge merge ./deepseek-v3 ./my-lora --out ./merged-fp8 --method merged_fp8
+  streammerge merge ./gpt-oss-120b ./my-lora --out ./merged-mxfp4 --method merged_mxfp4
   streammerge demo
 """
 
@@ -40,7 +41,9 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="merged_16bit", choices=METHODS, help="what to write (default: merged_16bit)")
+    p.add_argument("--method", default="merged_16bit", choices=METHODS,
+                   help="what to write (default: merged_16bit); merged_fp8: block FP8, or an FP8 base's own scheme "
+                        "(block or compressed-tensors); merged_mxfp4: an MXFP4 base's experts stay MXFP4 (gpt-oss)")
     p.add_argument("--dtype", default=None, help=f"output dtype: {'|'.join(DTYPES)} (default: the base's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--max-memory", default="2GB", help="host memory budget for tensor data (default: 2GB)")

@@ -12,8 +12,8 @@ from typing import Any
 
 from .errors import OptionError
 
-METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora", "gguf")
-SUPPORTED_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora", "gguf")
+METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "merged_mxfp4", "lora", "gguf")
+SUPPORTED_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "merged_mxfp4", "lora", "gguf")
 # merged_fp8 from a 16-bit base: which linear weights become block FP8
 FP8_MODULES = ("all-linear", "experts")
 # bitsandbytes 4-bit settings (the same values as streammerge.quant.bnb4, kept here torch-free)

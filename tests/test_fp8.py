@@ -312,7 +312,7 @@ def test_hostile_fp8_base_one_error_line(fp8_case, tmp_path, edit, words):
         assert not (tmp_path / f"out-{method}" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("method", ["mxfp4", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["hqq", "gptq", "awq"])
 def test_bases_of_other_quant_methods_are_refused_by_name(dense_qwen3, make_adapter, tmp_path, method):
     case = make_adapter(dense_qwen3)
     broken = tmp_path / "b"

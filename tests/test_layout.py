@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent / "streammerge"
 ORDER = ("formats", "adapters", "planning", "hub", "run", "verification")
 MAX_LINES = 550
 # bitsandbytes' own planning and checks (merged_4bit) name its modules; nothing else outside the codecs does
-CODEC_USERS = {"streammerge.formats.quantized", "streammerge.planning.quant", "streammerge.verification.quant"}
+CODEC_USERS = {"streammerge.formats.quantized", "streammerge.formats.compressed_tensors", "streammerge.planning.quant", "streammerge.verification.quant"}
 
 
 def _modules() -> dict[str, Path]:

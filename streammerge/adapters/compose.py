@@ -66,16 +66,18 @@ class Composition:
 
 def compose(checkpoint: Checkpoint, adapters: Sequence[Adapter], tied: dict[str, str], model_info,
             shapes: dict[str, tuple[int, ...]] | None = None, quantized: set[str] = frozenset(),
-            ignored=None) -> Composition:
-    """`shapes`: the base tensors as the model sees them (a bitsandbytes weight's logical shape, its
-    statistic tensors left out); `quantized`: bitsandbytes weights (mergeable despite their packed dtype);
-    `ignored()`: patterns of checkpoint tensors the model class drops on load (no adapter targets them)."""
+            ignored=None, aliases: dict[str, str] | None = None) -> Composition:
+    """`shapes`: the base tensors as the model sees them (a quantized weight's logical shape, its
+    statistic tensors left out); `quantized`: the checkpoint tensors holding quantized weights (mergeable
+    despite their packed dtype); `aliases`: model parameter -> the checkpoint tensor holding it under
+    another name (MXFP4's `_blocks`); `ignored()`: patterns of checkpoint tensors the model class drops
+    on load (no adapter targets them)."""
     shapes = dict(shapes) if shapes is not None else {name: tuple(ref.info.shape) for name, ref in checkpoint.tensors.items()}
     shapes.update({h: shapes[e] for h, e in tied.items()})
     recipes = {name: TensorRecipe(name, ref.file, ref.info, ref.info) for name, ref in checkpoint.tensors.items()}
     virtual = {h: TensorRecipe(h, checkpoint.tensors[e].file, checkpoint.tensors[e].info, checkpoint.tensors[e].info)
                for h, e in tied.items()}
-    every = {**recipes, **virtual}
+    every = {**recipes, **virtual, **{p: recipes[t] for p, t in (aliases or {}).items()}}
     for index, adapter in enumerate(adapters):
         edits = resolve_edits(adapter, shapes, tied, model_info, ignored)
         adapter.edits = edits

@@ -20,7 +20,9 @@ from ..errors import InputError, UnsupportedError
 from .checkpoint import Checkpoint, TensorRef
 from .safetensors import TORCH_NAME, pread_exact
 from .codecs import bnb4, int8
+from .compressed_tensors import ct_quantization_config, find_ct_fp8
 from .codecs.fp8 import SCALE_SUFFIX, Fp8BlockFormat, scale_name
+from .codecs.mxfp4 import BLOCK as MX_BLOCK, BLOCKS_SUFFIX, SCALES_SUFFIX, Mxfp4Format
 
 # tensors small enough to read while planning (the JSON is ~170 bytes; quant_map 64; weight_format 1)
 _SMALL_SUFFIXES = ("quant_map", "weight_format")
@@ -30,11 +32,14 @@ _SMALL_SUFFIXES = ("quant_map", "weight_format")
 class QuantizedWeight:
     """One bitsandbytes weight: its packed tensor, its statistic tensors, and its codec format."""
 
-    name: str  # "<m>.weight"
-    codec: str  # "bnb4" | "int8" | "fp8"
-    format: Any  # bnb4.Bnb4Format | int8.Int8Format | fp8.Fp8BlockFormat
+    name: str  # the model's parameter: "<m>.weight"; an MXFP4 expert parameter "<m>.gate_up_proj"
+    codec: str  # "bnb4" | "int8" | "fp8" | "mxfp4"
+    format: Any  # bnb4.Bnb4Format | int8.Int8Format | fp8.Fp8BlockFormat | mxfp4.Mxfp4Format
     packed: TensorRef
     companions: dict[str, TensorRef] = field(default_factory=dict)  # full name -> ref, state-dict order
+    # tensors of the module that belong to its scheme but not to the weight's values (compressed-tensors'
+    # static activation scales): copied to an output in the base's scheme, left out of a 16-bit one
+    extras: dict[str, TensorRef] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,7 +96,7 @@ def _view(tensors: Mapping[str, TensorRef], names: list[str], small: Mapping[str
     return {n: small[n] if _is_small(n) else _meta(tensors[n]) for n in names if n in tensors}
 
 
-READ_QUANT_METHODS = ("bitsandbytes", "fp8")  # config.json quant_method values whose weights are read
+READ_QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "mxfp4")  # config.json quant_method values whose weights are read
 
 
 def check_quant_method(checkpoint: Checkpoint) -> None:
@@ -101,11 +106,6 @@ def check_quant_method(checkpoint: Checkpoint) -> None:
     if not isinstance(q, dict):
         return
     method = q.get("quant_method", "bitsandbytes")
-    if method == "compressed-tensors":
-        raise UnsupportedError(
-            f"{checkpoint.root}: compressed-tensors checkpoints (llm-compressor) are not supported yet; "
-            "use a block-FP8 (DeepSeek-style), bitsandbytes or 16-bit base"
-        )
     if method not in READ_QUANT_METHODS:
         raise UnsupportedError(
             f"{checkpoint.root}: config.json's quantization_config has quant_method {method!r}, which streammerge "
@@ -114,7 +114,8 @@ def check_quant_method(checkpoint: Checkpoint) -> None:
 
 
 def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
-    """Every quantized weight of `checkpoint` (bitsandbytes 4-bit and 8-bit, block FP8), keyed by weight name."""
+    """Every quantized weight of `checkpoint` (bitsandbytes 4-bit and 8-bit, block FP8, MXFP4), keyed
+    by the name of the checkpoint tensor holding its codes (the weight's own name but for MXFP4)."""
     check_quant_method(checkpoint)
     tensors = checkpoint.tensors
     small = _small_tensors(checkpoint)
@@ -144,10 +145,16 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
         except ValueError as exc:
             raise InputError(f"{checkpoint.root}: bitsandbytes 8-bit weight {name}: {exc}") from None
         found[name] = QuantizedWeight(name, "int8", fmt, tensors[name], {c: tensors[c] for c in comps})
-    for name, q in find_fp8(checkpoint).items():
+    if ct_quantization_config(checkpoint.config):
+        fp8 = {n: QuantizedWeight(n, "ct_fp8", fmt, tensors[n], scale, extras)
+               for n, (fmt, scale, extras) in find_ct_fp8(checkpoint).items()}
+    else:
+        fp8 = find_fp8(checkpoint)
+    for name, q in fp8.items():
         if name in found:
             raise InputError(f"{checkpoint.root}: {name} has both bitsandbytes statistics and FP8 scales")
         found[name] = q
+    found.update(find_mxfp4(checkpoint))
     return found
 
 
@@ -163,11 +170,6 @@ def fp8_quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] 
 def _fp8_block(root, qc: Mapping[str, Any] | None, example: str) -> int:
     """The tile side config.json gives, after refusing the FP8 schemes not read yet, by name."""
     method = (qc or {}).get("quant_method") if isinstance(qc, dict) else None
-    if method == "compressed-tensors":
-        raise UnsupportedError(
-            f"{root}: compressed-tensors FP8 checkpoints (llm-compressor) are not supported yet; "
-            "use a block-FP8 (DeepSeek-style) or 16-bit base"
-        )
     if method != "fp8":
         raise InputError(
             f"{root}: {example} is stored as FP8 but config.json has no quantization_config with "
@@ -232,6 +234,53 @@ def find_fp8(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
     if stray:
         raise InputError(f"{root}: {stray[0]} is an FP8 scale, but {stray[0][: -len(SCALE_SUFFIX)]} is not an FP8 "
                          "weight; the checkpoint is inconsistent, re-download it")
+    return found
+
+
+def mxfp4_quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The base's MXFP4 ``quantization_config`` (quant_method "mxfp4", gpt-oss), else None."""
+    q = (config or {}).get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == "mxfp4" else None
+
+
+def find_mxfp4(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
+    """Every MXFP4 expert parameter of `checkpoint` (``<p>_blocks`` + ``<p>_scales``), keyed by the blocks' name."""
+    tensors = checkpoint.tensors
+    root = checkpoint.root
+    qc = mxfp4_quantization_config(checkpoint.config)
+    blocks = [n for n, ref in tensors.items() if n.endswith(BLOCKS_SUFFIX) and ref.info.dtype == "U8"]
+    if qc is None:
+        paired = [n for n in blocks if n[: -len(BLOCKS_SUFFIX)] + SCALES_SUFFIX in tensors]
+        if paired:
+            raise InputError(f"{root}: {paired[0]} looks like an MXFP4 weight (uint8 blocks with their scales) but "
+                             "config.json has no quantization_config with quant_method 'mxfp4'; re-download config.json")
+        return {}
+    if not blocks:
+        raise InputError(f"{root}: config.json's quantization_config says mxfp4, but the checkpoint has no "
+                         "'*_blocks' tensors; remove quantization_config from config.json if the weights were dequantized")
+    found: dict[str, QuantizedWeight] = {}
+    for name in blocks:
+        param = name[: -len(BLOCKS_SUFFIX)]
+        info = tensors[name].info
+        sname = param + SCALES_SUFFIX
+        sref = tensors.get(sname)
+        if sref is None:
+            raise InputError(f"{root}: the MXFP4 blocks {name} have no scale tensor {sname}; re-download the checkpoint")
+        shape = tuple(info.shape)
+        if len(shape) != 4 or shape[3] != MX_BLOCK // 2:
+            raise InputError(f"{root}: {name} is {list(shape)}; MXFP4 blocks are [experts, out, in/{MX_BLOCK}, "
+                             f"{MX_BLOCK // 2}] bytes; the checkpoint is not gpt-oss style MXFP4")
+        if sref.info.dtype != "U8" or tuple(sref.info.shape) != shape[:3]:
+            raise InputError(f"{root}: {sname} is {sref.info.dtype} {list(sref.info.shape)}, but the blocks {list(shape)} "
+                             f"need U8 {list(shape[:3])} (one E8M0 byte per {MX_BLOCK} values); the checkpoint is "
+                             "inconsistent, re-download it")
+        e, out, groups, _ = shape
+        fmt = Mxfp4Format((e, groups * MX_BLOCK, out))
+        found[name] = QuantizedWeight(param, "mxfp4", fmt, tensors[name], {sname: sref})
+    stray = [n for n in tensors if n.endswith(SCALES_SUFFIX) and n[: -len(SCALES_SUFFIX)] + BLOCKS_SUFFIX not in found]
+    if stray:
+        raise InputError(f"{root}: {stray[0]} is an MXFP4 scale, but {stray[0][: -len(SCALES_SUFFIX)] + BLOCKS_SUFFIX} "
+                         "is not an MXFP4 blocks tensor; the checkpoint is inconsistent, re-download it")
     return found
 
 

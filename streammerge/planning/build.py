@@ -102,7 +102,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
 
     composition = compose(checkpoint, adapters, _ties(checkpoint), lambda: model_info(checkpoint),
                           shapes=quant.logical_shapes(), quantized=set(quant.weights),
-                          ignored=lambda: ignored_on_load(checkpoint.config))
+                          ignored=lambda: ignored_on_load(checkpoint.config), aliases=quant.aliases)
     pending: list[tuple[TensorSpec, OutputTensor]] = []
     for name, recipe in composition.recipes.items():
         if quant.is_companion(name):
@@ -124,7 +124,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     if codec is not None:  # a registered codec's method: the tensors it stores, encoded; the rest cast
         pending = [_encoded(codec, spec, t) for spec, t in pending]
     by_name = {spec.name: tensor for spec, tensor in pending}
-    if options.method == "merged_fp8" and quant.base_fp8:
+    if (options.method == "merged_fp8" and quant.base_fp8) or options.method == "merged_mxfp4":
         named = _base_shards(checkpoint, pending)
     else:
         groups = split_into_shards([spec for spec, _ in pending], options.max_shard_size)
@@ -140,6 +140,8 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
         qconfig = quant.quantization_config([t for _, t in pending], model_dtype)
     if options.method == "merged_fp8":
         qconfig = quant.fp8_quantization_config([t for _, t in pending])
+    if options.method == "merged_mxfp4":
+        qconfig = quant.mxfp4_quantization_config()
     plan = MergePlan(
         base=checkpoint.label,
         adapters=tuple(
@@ -150,7 +152,11 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
         untied=tuple(composition.untied),
         quantization_config=qconfig,
     )
-    validate(plan, checkpoint, adapters)
+    dropped = quant.dropped()
+    if dropped:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, f"left out {len(dropped)} static activation scale(s) "
+                                                f"of the base's FP8 scheme (e.g. {dropped[0]}): a 16-bit output has no use for them"))
+    validate(plan, checkpoint, adapters, dropped)
     used = adapter_uses(plan, adapters)
     return dataclasses.replace(plan, adapters=tuple(
         {**info, "used": sum(1 for n in a.header.tensors if u.get(n) == 1)} for info, a, u in zip(plan.adapters, adapters, used)
@@ -159,7 +165,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
 
 def _base_shards(checkpoint: Checkpoint, pending: Sequence[tuple[TensorSpec, OutputTensor]]) -> list[tuple[str, list[TensorSpec]]]:
     """The base's own shards (file names and which tensors each holds): a merged_fp8 output of an FP8
-    base keeps every tensor's size, so it is laid out as its publisher laid out the base (an untied
+    base (merged_mxfp4 of an MXFP4 one) keeps every tensor's size, so it is laid out as its publisher laid out the base (an untied
     copy goes with its source)."""
     files: dict[str, list[TensorSpec]] = {}
     for spec, tensor in pending:
@@ -223,8 +229,8 @@ def _check_term_shape(t: OutputTensor, term: LoraTerm) -> None:
             ok = ok and term.magnitude is not None and term.magnitude.shape == (rows,)
     elif term.kind == "moe":
         e = term.experts
-        d_in, d_out = (t.shape[1], t.shape[2]) if term.transpose else (t.shape[2], t.shape[1])
-        ok = len(t.shape) == 3 and t.shape[0] == e and term.a.shape == (term.a.shape[0], d_in) \
+        d_in, d_out = (shape[1], shape[2]) if term.transpose else (shape[2], shape[1])
+        ok = len(shape) == 3 and shape[0] == e and term.a.shape == (term.a.shape[0], d_in) \
             and term.b.shape == (d_out, term.a.shape[0]) and term.a.shape[0] % e == 0
     elif term.kind == "bias":
         ok = term.b.shape == t.shape and len(t.shape) == 1
@@ -234,12 +240,12 @@ def _check_term_shape(t: OutputTensor, term: LoraTerm) -> None:
     else:
         ok = False
     if not ok:
-        raise PlanError(f"{t.name}: {term.kind} term with tensors {[s.shape for s in term.sources()]} does not fit {t.shape}")
+        raise PlanError(f"{t.name}: {term.kind} term with tensors {[s.shape for s in term.sources()]} does not fit {shape}")
 
 
-def validate(plan: MergePlan, checkpoint: Checkpoint, adapters: Sequence[Adapter]) -> None:
-    """Every base tensor consumed exactly once (a quantized weight with its statistics), every output
-    name unique, every adapter tensor used exactly once, shapes agree."""
+def validate(plan: MergePlan, checkpoint: Checkpoint, adapters: Sequence[Adapter], dropped: Sequence[str] = ()) -> None:
+    """Every base tensor consumed exactly once (a quantized weight with its statistics) but the `dropped`
+    ones, every output name unique, every adapter tensor used exactly once, shapes agree."""
     names = [t.name for t in plan.tensors]
     if len(set(names)) != len(names):
         raise PlanError("internal error: the plan writes a tensor name twice")
@@ -253,7 +259,7 @@ def validate(plan: MergePlan, checkpoint: Checkpoint, adapters: Sequence[Adapter
         consumed.append(t.name if t.quant_in is None else t.source.name)
         if t.quant_in is not None:
             consumed.extend(c.name for c in t.quant_in.companions)
-    if sorted(consumed) != sorted(checkpoint.tensors):
+    if sorted(consumed + list(dropped)) != sorted(checkpoint.tensors):
         raise PlanError("internal error: the plan does not write every base tensor exactly once")
     for t in plan.tensors:
         for term in t.loras:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from ..errors import OptionError, PlanError, UnsupportedError
@@ -26,6 +27,7 @@ from ..formats.quantized import (
     config_dtype,
     find_quantized,
     fp8_quantization_config,
+    mxfp4_quantization_config,
 )
 from .linear_modules import LinearModules, bnb4_quantization_config, linear_modules
 
@@ -69,8 +71,11 @@ class QuantPlanner:
     def __init__(self, checkpoint: Checkpoint, options: MergeOptions):
         self.checkpoint = checkpoint
         self.options = options
-        self.weights: dict[str, QuantizedWeight] = find_quantized(checkpoint)
+        self.weights: dict[str, QuantizedWeight] = find_quantized(checkpoint)  # keyed by the tensor of codes
         self.companions = {c for q in self.weights.values() for c in q.companions}
+        self.extras = {e for q in self.weights.values() for e in q.extras}
+        # a model parameter stored under another name (MXFP4 `<p>_blocks`) -> that checkpoint tensor
+        self.aliases = {q.name: n for n, q in self.weights.items() if q.name != n}
         self.base_qconfig = base_quantization_config(checkpoint.config)
         self._linear: LinearModules | None | bool = False  # False: not computed yet
         self.targets4: set[str] = set()
@@ -78,10 +83,13 @@ class QuantPlanner:
         if options.method == "merged_4bit":
             self.format4 = self._output_format()
             self.targets4 = self._targets4()
-        self.base_fp8 = {n for n, q in self.weights.items() if q.codec == "fp8"}
+        self.base_fp8 = {n for n, q in self.weights.items() if q.codec in ("fp8", "ct_fp8")}
         self.block8 = DEFAULT_FP8_BLOCK
         if options.method == "merged_fp8":
             self.targets8 = self._targets8()
+        self.targets_mx: set[str] = set()
+        if options.method == "merged_mxfp4":
+            self.targets_mx = self._targets_mx()
         if options.base_roundtrip is not None and self.weights:
             raise OptionError(
                 f"--base-roundtrip replaces 16-bit base weights by their 4-bit round trip, but {checkpoint.root} "
@@ -93,13 +101,20 @@ class QuantPlanner:
     def is_companion(self, name: str) -> bool:
         return name in self.companions
 
+    def dropped(self) -> list[str]:
+        """Base tensors an output leaves out: the scheme's activation scales, unless the scheme is kept."""
+        return [] if self.options.method == "merged_fp8" else sorted(self.extras)
+
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:
         """Base tensor shapes as the model sees them (a quantized weight has its original shape)."""
-        return {
-            name: (self.weights[name].shape if name in self.weights else tuple(ref.info.shape))
-            for name, ref in self.checkpoint.tensors.items()
-            if name not in self.companions
-        }
+        shapes = {}
+        for name, ref in self.checkpoint.tensors.items():
+            q = self.weights.get(name)
+            if q is not None:
+                shapes[q.name] = q.shape
+            elif name not in self.companions:
+                shapes[name] = tuple(ref.info.shape)
+        return shapes
 
     def linear(self) -> LinearModules | None:
         if self._linear is False:
@@ -146,10 +161,12 @@ class QuantPlanner:
         return str(qt), int(bs), bool(dq)
 
     def _targets4(self) -> set[str]:
-        """Weights that are 4-bit in a merged_4bit output: the base's quantized weights, or for a 16-bit
-        base the ones transformers' BitsAndBytesConfig(load_in_4bit=True) would quantize."""
-        if self.weights:
-            return set(self.weights)
+        """Weights that are 4-bit in a merged_4bit output: the base's quantized linear weights, or for a
+        16-bit base (or one whose only quantized weights are MXFP4 experts, which stay 16-bit as
+        transformers' 4-bit loader leaves them) the ones BitsAndBytesConfig(load_in_4bit=True) would quantize."""
+        linear = {n for n, q in self.weights.items() if q.codec != "mxfp4"}
+        if linear:
+            return linear
         lm = self._require_linear("--method merged_4bit from a 16-bit base")
         if lm.conv1d:
             raise UnsupportedError(
@@ -182,13 +199,15 @@ class QuantPlanner:
                     f"--fp8-modules applies to a 16-bit base; {self.checkpoint.root} is FP8 already and its merge "
                     "keeps the base's own scheme (which modules are FP8, its quantization_config)"
                 )
-            fmts = {self.weights[n].format.block for n in self.base_fp8}
-            self.block8 = fmts.pop()
+            blocks = {self.weights[n].format.block for n in self.base_fp8 if self.weights[n].codec == "fp8"}
+            self.block8 = blocks.pop() if blocks else DEFAULT_FP8_BLOCK
             return set(self.base_fp8)
         if self.weights:
+            kind = "an MXFP4" if any(q.codec == "mxfp4" for q in self.weights.values()) else "a bitsandbytes"
+            keep = "merged_mxfp4" if kind == "an MXFP4" else "merged_4bit"
             raise UnsupportedError(
-                f"--method merged_fp8 from a bitsandbytes base ({self.checkpoint.root}) is not supported; "
-                "merge to merged_16bit first, or use merged_4bit"
+                f"--method merged_fp8 from {kind} base ({self.checkpoint.root}) is not supported; "
+                f"merge to merged_16bit first, or use {keep}"
             )
         mode = self.options.fp8_modules or "all-linear"
         names = {n for n, ref in self.checkpoint.tensors.items() if _is_routed_expert(n) and len(ref.info.shape) == 2}
@@ -215,10 +234,29 @@ class QuantPlanner:
                 raise PlanError(f"{n}: expected a floating-point 2-D linear weight, got {info.dtype} {list(info.shape)}")
         return names
 
+    # ------------------------------------------------------------------ merged_mxfp4 settings
+
+    def _targets_mx(self) -> set[str]:
+        """The MXFP4 expert parameters of an MXFP4 base: they stay MXFP4, the rest as in the base."""
+        names = {n for n, q in self.weights.items() if q.codec == "mxfp4"}
+        if not names:
+            raise UnsupportedError(
+                f"--method merged_mxfp4 keeps an MXFP4 base's experts in MXFP4, but {self.checkpoint.root} has no "
+                "MXFP4 weights (gpt-oss style '*_blocks' + '*_scales'); use --method merged_16bit or merged_fp8"
+            )
+        if len(names) != len(self.weights):
+            raise UnsupportedError(f"{self.checkpoint.root} mixes MXFP4 with other quantized weights; not supported")
+        return names
+
+    def mxfp4_quantization_config(self) -> dict[str, Any]:
+        return dict(mxfp4_quantization_config(self.checkpoint.config) or {})
+
     def fp8_quantization_config(self, plan_tensors: list[OutputTensor]) -> dict[str, Any]:
         """An FP8 base's quantization_config as it is; for a 16-bit base DeepSeek-V3's, naming the
         linear modules kept 16-bit (so a loader does not expect FP8 where there is none)."""
         own = fp8_quantization_config(self.checkpoint.config)
+        if own is None and self.base_fp8:  # compressed-tensors: its config as it is
+            own = (self.checkpoint.config or {}).get("quantization_config")
         if own is not None:
             return dict(own)
         fp8 = {_module(t.name) for t in plan_tensors if t.quant_out is not None and t.quant_out.codec == "fp8"}
@@ -274,10 +312,12 @@ class QuantPlanner:
     def entries(self, name: str, ref: TensorRef, loras: tuple[LoraTerm, ...]) -> list[Entry] | None:
         """The output tensors for base tensor `name`; None when it is a plain tensor (caller's rules)."""
         q = self.weights.get(name)
+        if name in self.extras:  # kept with the base's scheme, meaningless without it
+            return [self._copy(name, ref)] if self.options.method == "merged_fp8" else []
         if name in self.targets4:
             return self._quant4(name, ref, q, loras)
-        if name in self.targets8:
-            return self._quant8(name, ref, q, loras)
+        if name in self.targets8 or name in self.targets_mx:
+            return self._quantized(name, ref, q, loras)
         if q is not None:
             return [self._dequant(name, q, loras)]
         return None
@@ -288,9 +328,9 @@ class QuantPlanner:
     def _dequant(self, name: str, q: QuantizedWeight, loras: tuple[LoraTerm, ...]) -> Entry:
         dtype = FROM_TORCH_NAME[self.options.dtype or q.dtype or self.int8_dtype()]
         op = "merge" if loras else "dequant"
-        out = OutputTensor(name, dtype, q.shape, op, Source.of(q.packed.file, q.packed.info), loras,
+        out = OutputTensor(q.name, dtype, q.shape, op, Source.of(q.packed.file, q.packed.info), loras,
                            quant_in=self._quant_in(q))
-        return TensorSpec(name, dtype, q.shape), out
+        return TensorSpec(q.name, dtype, q.shape), out
 
     def _quant4(self, name: str, ref: TensorRef, q: QuantizedWeight | None, loras: tuple[LoraTerm, ...]) -> list[Entry]:
         qt, bs, dq = self.format4
@@ -318,18 +358,30 @@ class QuantPlanner:
             out.append((TensorSpec(spec.name, sdtype, spec.shape), t))
         return out
 
-    def _quant8(self, name: str, ref: TensorRef, q: QuantizedWeight | None, loras: tuple[LoraTerm, ...]) -> list[Entry]:
-        """A block-FP8 output weight: its e4m3 codes (streamed, carrying source and LoRA terms) and
-        its weight_scale_inv (from the same pass's tile maxima); an untouched FP8 weight is copied."""
+    def _quant_template(self, q: QuantizedWeight | None, shape: tuple[int, ...], dtype: str) -> QuantOut:
+        """The weight part of a quantized output in the base's own scheme (a 16-bit base: block FP8)."""
+        if q is None or q.codec == "fp8":
+            return QuantOut("weight", "", shape, "e4m3", self.block8, False, dtype, codec="fp8")
+        if q.codec == "mxfp4":
+            return QuantOut("weight", "", shape, "e2m1", 32, False, dtype, codec="mxfp4")
+        f = q.format  # compressed-tensors: its strategy, tile and scale dtype
+        return QuantOut("weight", "", shape, f.strategy, f.block, False, TORCH_NAME[f.scale_dtype], codec="ct_fp8")
+
+    def _quantized(self, name: str, ref: TensorRef, q: QuantizedWeight | None, loras: tuple[LoraTerm, ...]) -> list[Entry]:
+        """A quantized output weight (block FP8, compressed-tensors FP8, MXFP4): its codes (streamed,
+        carrying source and LoRA terms) and its scales (from the same pass); an untouched weight of the
+        base is copied."""
         if q is not None and not loras:
             return [self._copy(n, r) for n, r in [(name, q.packed), *q.companions.items()]]
         shape = q.shape if q is not None else tuple(ref.info.shape)
         dtype = self.options.dtype or (self.int8_dtype() if q is not None else TORCH_NAME[ref.info.dtype])
+        template = self._quant_template(q, tuple(shape), dtype)
+        codec = codecs.get(template.codec)
+        specs = codec.output_specs(q.name if q is not None else name, template)
         source = Source.of(ref.file, ref.info)
         out = []
-        for i, (tname, sdtype, tshape) in enumerate(codecs.get("fp8").output_specs(name, shape, self.block8)):
-            qo = QuantOut("weight" if i == 0 else "weight_scale_inv", name, tuple(shape), "e4m3",
-                          self.block8, False, dtype, codec="fp8")
+        for i, (tname, sdtype, tshape) in enumerate(specs):
+            qo = replace(template, part="weight" if i == 0 else codec.stash_part, weight=specs[0][0])
             if i == 0:
                 t = OutputTensor(tname, sdtype, tshape, "quant", source, loras,
                                  quant_in=self._quant_in(q) if q is not None else None, quant_out=qo)

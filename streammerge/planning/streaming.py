@@ -118,6 +118,13 @@ def stash_part(qo) -> str:
     return output_codec(qo).stash_part
 
 
+def measured_first(qo) -> bool:
+    """The codes of this output weight need a statistic of the whole weight (a per-tensor scale):
+    a statistics pass runs before its writing pass and hands it over."""
+    measured = getattr(output_codec(qo), "measured_first", None)
+    return bool(measured is not None and measured(qo))
+
+
 def small_parts(qo) -> tuple[str, ...]:
     """Statistics kept from the weight's pass until their tensors are written."""
     return output_codec(qo).small_parts

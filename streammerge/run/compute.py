@@ -85,6 +85,7 @@ class ChunkCompute:
         self.allow_nonfinite = allow_nonfinite
         self._roundtrip: tuple[str, Any] | None = None  # a double-quant round trip's statistics, for the next pass
         self._prepassed: tuple[str, TensorMath] | None = None  # a column-norm DoRA's norms, for the next pass
+        self._measured: tuple[str, dict] | None = None  # a statistics pass's results, for the writing pass
 
     def _load_factors(self, tensor: OutputTensor) -> TensorMath:
         return TensorMath.load(tensor, self._read, self.device)
@@ -113,6 +114,11 @@ class ChunkCompute:
                 st.roundtrip = qs.roundtrip(t, self.device)
         if t.quant_out is not None:
             st.quantizer = qs.output_quantizer(t.quant_out)
+            if purpose == "write" and qs.measured_first(t.quant_out):
+                if self._measured is None or self._measured[0] != t.name:
+                    raise ExecutionError(f"internal error: no measured statistics for {t.name}")
+                st.quantizer.use_measured(self._measured[1])
+        self._measured = None
         return st
 
     def end(self, chunk: Chunk, st: PassState) -> None:
@@ -126,7 +132,10 @@ class ChunkCompute:
             return
         self._roundtrip = None
         if st.quantizer is not None:
-            self._remember(t.name, t.quant_out, st.quantizer.finish())
+            stats = st.quantizer.finish()
+            self._remember(t.name, t.quant_out, stats)
+            if chunk.purpose == "stats":
+                self._measured = (t.name, stats)
 
     def _weight_rows(self, chunk: Chunk, buf, length: int, st: PassState, *, raw_base: bool = False) -> torch.Tensor:
         """The base weight's rows W on the compute device: float32 for a bitsandbytes or round-tripped

@@ -159,10 +159,14 @@ class Pass:
 
 def _passes(tensor: OutputTensor, purpose: str) -> list[Pass]:
     """A pass for `purpose`, after the passes it depends on: the double-quant round trip's statistics,
-    then (column-norm DoRA) a first read of every row for the column norms."""
+    (column-norm DoRA) a first read of every row for the column norms, (a per-tensor scale) a
+    statistics pass."""
     first = [Pass(tensor, "roundtrip")] if tensor.roundtrip is not None and tensor.roundtrip.double_quant else []
     if needs_prepass(tensor):
         first.append(Pass(tensor, "prepass"))
+    qo = tensor.quant_out
+    if purpose == "write" and qo is not None and qo.part == "weight" and qs.measured_first(qo):
+        first.append(Pass(tensor, "stats"))  # the whole weight's statistic, handed to the writing pass
     return first + [Pass(tensor, purpose)]
 
 

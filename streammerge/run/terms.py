@@ -19,7 +19,7 @@ Reader = Callable[[Source], torch.Tensor]
 
 def _width(tensor: OutputTensor) -> int:
     width = 1
-    for d in tensor.shape[1:]:
+    for d in tensor.weight_shape[1:]:
         width *= d
     return width
 
@@ -47,7 +47,7 @@ class TensorMath:
                     else:
                         terms.append(ops.DoraRowsF32(m))
             elif term.kind == "moe":
-                shape = (tensor.shape[1], tensor.shape[2])
+                shape = (tensor.weight_shape[1], tensor.weight_shape[2])
                 terms.append(ops.experts_term(read(term.a), read(term.b), term.factor, term.experts, term.transpose, shape, device))
             elif term.kind == "bias":
                 terms.append(ops.BiasTermF32(read(term.b).to(device=device, dtype=torch.float32).reshape(-1), term.factor))

@@ -96,7 +96,7 @@ def state_bytes(t: OutputTensor) -> int:
     """Per-tensor memory of a recompute check: factors (and their absolute values), decoded statistics."""
     total = 2 * factor_bytes(t) + qs.state_bytes(t)
     if t.quant_out is not None:
-        n_blocks = -(-math.prod(t.quant_out.shape) // t.quant_out.blocksize)
+        n_blocks = -(-math.prod(t.quant_out.shape) // (t.quant_out.blocksize or 64))  # per-channel FP8: rows of >= 64
         total += n_blocks * (4 + 4 + 4 + 4)  # stored absmax, decoded, e_a, block temporaries
     if needs_prepass(t):
         total += 8 * _rows_and_width(t.weight_shape)[1]

@@ -26,6 +26,7 @@ from .checks import (
 )
 from .encoded import EncodedCheck
 from .fp8 import Fp8WeightCheck
+from .mxfp4 import Mxfp4WeightCheck
 from .linear import LinearElementCheck
 from .probe import PROBED_KINDS, LinearLoraCheck
 from .quant import QuantPartCheck, QuantWeightCheck
@@ -127,7 +128,7 @@ def check_class(t: OutputTensor, fast: bool = False) -> type[TensorCheck] | None
             return None
         if t.quant_out.part != "weight":
             return QuantPartCheck  # a statistic: checked by value, or with its weight
-        return Fp8WeightCheck if t.quant_out.codec == "fp8" else QuantWeightCheck
+        return {"fp8": Fp8WeightCheck, "ct_fp8": Fp8WeightCheck, "mxfp4": Mxfp4WeightCheck}.get(t.quant_out.codec, QuantWeightCheck)
     if t.op == "merge":
         probed = all(term.kind in PROBED_KINDS for term in t.loras) and t.loras
         if probed:

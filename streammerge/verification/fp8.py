@@ -1,10 +1,11 @@
-"""Verify check of a merged_fp8 weight: OUT's e4m3 codes decoded with OUT's own weight_scale_inv,
-element by element against E = W + Δ.
+"""Verify check of a merged_fp8 weight (block FP8, or compressed-tensors FP8): OUT's e4m3 codes decoded
+with OUT's own scales, element by element against E = W + Δ.
 
 A tile quantized with multiplier m stores y = fl(x·m) rounded to e4m3 (nearest even), so the code
 is within half an e4m3 ulp of y: at most 2⁻⁴·|y| for normal values and 2⁻¹⁰ below 2⁻⁶ (the
 subnormal spacing is 2⁻⁹). Decoded with the stored inverse s ≈ 1/m, O = fl(code·s), so
-`|O − E| ≤ 2⁻⁴·|O| + 2⁻¹⁰·s + 2u32·(|O| + |E|) + ε·Σ|f|(|col|ᵀ|row|) + floor`. A stored scale
+`|O − E| ≤ 2⁻⁴·|O| + 2⁻¹⁰·s + 2u32·(|O| + |E|) + ε·Σ|f|(|col|ᵀ|row|) + floor` (plus the scale
+dtype's unit roundoff times |O| where the product is rounded to it: compressed-tensors' bf16 scales). A stored scale
 too small clamps the tile's largest values at ±448 and shows as values that differ; a delta much
 smaller than the FP8 step (~6 % of a value) cannot be told from quantization noise.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import codecs
+from ..formats.safetensors import TORCH_NAME
 from ..planning.types import OutputTensor
 from .base import U32, Chunk, Context, Fault, TensorResult
 from .checks import RecomputeCheck
@@ -30,14 +32,13 @@ class Fp8WeightCheck(RecomputeCheck):
         self.broken: str | None = None
         super().__init__(tensor, ctx)
         self.category = "quant"
-        codec = codecs.get("fp8")
-        scale_name, _, scale_shape = codec.output_specs(self.qo.weight, self.qo.shape, self.qo.blocksize)[1]
+        codec = codecs.get(self.qo.codec)  # block FP8 or compressed-tensors FP8
+        scale_name, scale_dtype, scale_shape = codec.output_specs(self.qo.weight, self.qo)[1]
         scales = ctx.out_tensor(scale_name)
-        if scales is None or tuple(scales.shape) != tuple(scale_shape) or scales.dtype != torch.float32:
-            self.broken = f"its scale tensor {scale_name} is missing or is not float32 {list(scale_shape)}"
+        if scales is None or tuple(scales.shape) != tuple(scale_shape) or scales.dtype != getattr(torch, TORCH_NAME[scale_dtype]):
+            self.broken = f"its scale tensor {scale_name} is missing or is not {scale_dtype} {list(scale_shape)}"
             return
-        fmt = {"shape": list(self.qo.shape), "block": self.qo.blocksize}
-        self.decoder = codec.decoder(fmt, self.qo.weight, lambda _name: scales, ctx.device)
+        self.decoder = codec.decoder(codec.output_format(self.qo), self.qo.weight, lambda _name: scales, ctx.device)
 
     def _value_dtype(self) -> str:
         return "F32"  # decoded values are float32 products; the quantization step is in _tolerance
@@ -60,7 +61,7 @@ class Fp8WeightCheck(RecomputeCheck):
     def _tolerance(self, o, w, e, ab, bound, scratch, r0, a, chunk) -> None:
         row0 = chunk.row_start + a
         bound.copy_(self.decoder.element_scales(row0, row0 + o.shape[0])).mul_(E4M3_SUBNORMAL_HALF_STEP)
-        bound.add_(scratch.copy_(o).abs_(), alpha=E4M3_HALF_ULP + 2 * U32)
+        bound.add_(scratch.copy_(o).abs_(), alpha=E4M3_HALF_ULP + 2 * U32 + self.decoder.value_roundoff)
         bound.add_(scratch.copy_(e).abs_(), alpha=2 * U32 + self.rho)
         bound.add_(ab, alpha=self.eps)
         bound.add_(self.floor)

@@ -18,7 +18,7 @@ from ...errors import UnsupportedError
 if TYPE_CHECKING:
     from .base import Codec
 
-BUILTIN = ("cast", "ggml", "kquants", "bitsandbytes", "fp8")  # modules of this package that register codecs
+BUILTIN = ("cast", "ggml", "kquants", "bitsandbytes", "fp8", "ct_fp8", "mxfp4")  # modules of this package that register codecs
 
 _codecs: dict[str, "Codec"] = {}
 _loaded = False

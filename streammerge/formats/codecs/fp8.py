@@ -194,12 +194,19 @@ class Fp8BlockCodec(Codec):
         return stats[qo.part]
 
     @staticmethod
-    def output_specs(name: str, shape: tuple[int, ...], block: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    def output_format(qo) -> dict[str, Any]:
+        """The source-format JSON of an output weight of this codec (verify decodes what was written)."""
+        return Fp8BlockFormat(tuple(qo.shape), qo.blocksize).to_json()
+
+    @staticmethod
+    def output_specs(name: str, qo) -> list[tuple[str, str, tuple[int, ...]]]:
         """(tensor name, safetensors dtype, shape) of each stored part: the codes, then the scales."""
-        return [(name, "F8_E4M3", tuple(shape)), (scale_name(name), "F32", scale_shape(shape, block))]
+        return [(name, "F8_E4M3", tuple(qo.shape)), (scale_name(name), "F32", scale_shape(qo.shape, qo.blocksize))]
 
 
 class Fp8Decoder:
+    value_roundoff = 0.0  # a decoded value is one float32 product
+
     def __init__(self, fmt: Fp8BlockFormat, scales: torch.Tensor):
         self.fmt = fmt
         self.scales = scales.float()
