@@ -10,7 +10,6 @@ transformers' from_pretrained of the output, and PEFT applied to the dequantized
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import streammerge  # noqa: E402
 from conftest import load_safetensors_dir, run_cli, shard_files  # noqa: E402
 from streammerge.run.schedule import chunks_of, plan_layout  # noqa: E402
 from streammerge.planning.types import MergePlan  # noqa: E402
-from streammerge.formats.codecs import bnb4 as B  # noqa: E402
 from streammerge.formats.codecs import bnb4_quantize as BQ  # noqa: E402
 
 # hidden 64, intermediate 320 = 5 blocks of 64: every row of every linear weight holds whole blocks,

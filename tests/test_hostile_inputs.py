@@ -11,7 +11,6 @@ pays ~5 s of imports, so further variants of a case already proven in a subproce
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil

@@ -1,10 +1,13 @@
-"""Planning for bitsandbytes weights: what each base weight becomes in the output.
+"""Planning for quantized weights: what each base weight becomes in the output.
 
-- A 4-bit / 8-bit base weight is one logical weight (its statistic tensors are consumed with it):
-  for a 16-bit output it is dequantized (``dequant``, or ``merge`` when LoRA terms apply).
+- A quantized base weight (bitsandbytes 4-/8-bit, block FP8, compressed-tensors FP8, MXFP4) is one
+  logical weight (its statistic tensors are consumed with it): for a 16-bit output it is
+  dequantized (``dequant``, or ``merge`` when LoRA terms apply).
 - ``--method merged_4bit``: the weights transformers quantizes become the tensors bitsandbytes saves
   (packed weight + statistics, op ``quant``); an untouched 4-bit weight already in the requested
   format is copied byte for byte. Everything else stays 16-bit and is listed in ``llm_int8_skip_modules``.
+- ``--method merged_fp8`` / ``merged_mxfp4``: the base's FP8 / MXFP4 weights stay in the base's
+  scheme (codes + scales, op ``quant``; untouched ones copied); from a 16-bit base, block FP8.
 - ``--base-roundtrip``: a targeted 16-bit weight that a 4-bit load would quantize is round-tripped.
 """
 

@@ -119,14 +119,12 @@ def quantize_experts(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     bits = scale_bits(x.abs().amax(dim=2, keepdim=True))
     scale = bits.view(torch.float32)
     q = x * torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-    magnitude = q.abs()
-    code = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
+    code = torch.signbit(q).view(torch.uint8) << 3
+    q.abs_()
     above = torch.empty(q.shape, dtype=torch.bool, device=q.device)
-    for midpoint in _MIDPOINTS:  # the code is how many midpoints |q| reaches (ties go up)
-        code += torch.ge(magnitude, midpoint, out=above)
-    del magnitude, above
-    code |= torch.signbit(q).view(torch.uint8) << 3
-    del q
+    for midpoint in _MIDPOINTS:  # the magnitude's code is how many midpoints |q| reaches (ties go up)
+        code += torch.ge(q, midpoint, out=above)
+    del q, above
     pairs = code.view(n, width // 2, 2, out)
     blocks = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
     stored_scales = (bits.view(n, width // BLOCK, out) >> 23).to(torch.uint8)
@@ -172,7 +170,7 @@ class Mxfp4Codec(Codec):
         return 1
 
     def output_state_bytes(self, elements: int, blocksize: int) -> int:
-        return elements // BLOCK * 3  # the scales, their concatenation, the stash
+        return elements // BLOCK * 2  # the scales of each expert, then their concatenation (kept as the stash)
 
     def out_bytes(self, elements: int) -> int:
         return elements // 2
