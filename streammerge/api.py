@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 import threading
 import time
@@ -48,18 +50,35 @@ def _load(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[
     return checkpoint, loaded, build_plan(checkpoint, loaded, options)
 
 
+@contextlib.contextmanager
+def _bulk_objects():
+    """Planning builds an object per tensor, hundreds of thousands for a large MoE, and none of them
+    in reference cycles: the cyclic collector, rescanning them every few thousand allocations, was
+    half of the planning time of a 98k-tensor checkpoint. It is paused meanwhile (and collects as
+    usual afterwards)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _prepare(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
     """Open, resolve and plan; the returned plan is what `options.method` writes (the merged model,
     or with --method lora the adapter itself, after checking that it applies to the base)."""
+    with _bulk_objects():
+        return _prepare_plan(base, adapters, options)
+
+
+def _prepare_plan(base: str | Path, adapters, options: MergeOptions) -> tuple[Any, list[Adapter], MergePlan]:
     checkpoint, loaded, plan = _load(base, adapters, options)
     warning = no_op_warning(plan)
     if warning:
         plan = dataclasses.replace(plan, notes=(*plan.notes, warning))
     if options.method == "lora":
         plan = dataclasses.replace(build_adapter_plan(loaded[0], options), notes=plan.notes)
-    from .run.schedule import plan_layout
-
-    plan_layout(plan)  # refuses a budget too small for one row of the widest tensor
     return checkpoint, loaded, plan
 
 
@@ -121,7 +140,11 @@ def plan(base: str | Path, adapters: AdapterArg | Sequence[AdapterArg], **option
         from .run.gguf_merge import plan_gguf
 
         return plan_gguf(base, adapters, opts)[3]
-    return _prepare(base, adapters, opts)[2]
+    from .run.schedule import plan_layout
+
+    planned = _prepare(base, adapters, opts)[2]
+    plan_layout(planned)  # refuses a budget too small for one row of the widest tensor
+    return planned
 
 
 def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | Path):
@@ -198,7 +221,7 @@ def merge(
     from .run.pipeline import fix_malloc_threshold, done_tensors, resolve_device
     from .run.schedule import plan_layout
 
-    plan_layout(the_plan)
+    layout = plan_layout(the_plan)  # (a gguf plan's budget is checked here; the executor works with it)
 
     fix_malloc_threshold()  # before reading inputs: their read blocks must not raise glibc's dynamic threshold
     if not opts.allow_nonfinite:
@@ -256,7 +279,7 @@ def merge(
             executor = Executor(
                 the_plan, out, device=device, progress=not quiet, inputs=hub.inputs, resume=resume, hold={last},
                 on_shard_open=run.shard_open, on_tensor_done=run.tensor_done, on_shard_done=shard_done,
-                cancel_event=cancel,
+                cancel_event=cancel, layout=layout,
             )
             stats = executor.run()
             the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)

@@ -282,3 +282,27 @@ def test_config_says_ct_without_fp8_tensors(dense_qwen3, make_adapter, tmp_path)
     (broken / "config.json").write_text(json.dumps(config))
     r = run_cli("merge", broken, case.adapter_path, "--out", tmp_path / "o")
     assert r.returncode != 0 and r.stderr.startswith("error: ") and "no tensor is stored as FP8" in r.stderr
+
+
+def test_per_tensor_scales_resume_byte_identical(dense_qwen3, make_adapter, tmp_path_factory, tmp_path):
+    """A per-tensor scale is measured by a statistics pass before the codes: a merge killed midway
+    and resumed redoes both passes of the weight it was in, and writes the same bytes."""
+    from test_resume import files, kill_when, merge, start
+
+    strategy, base, case = _case("tensor", dense_qwen3, tmp_path_factory, make_adapter)
+    opts = ("--method", "merged_fp8", "--max-chunk-rows", "8")
+    reference = tmp_path / "ref"
+    res = merge(base, case.adapter_path, reference, *opts, "--quiet")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    for attempt in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        frozen = kill_when(start(base, case.adapter_path, out, *opts, "--quiet"), out,
+                           lambda s: any(n.endswith(".partial") for n in s["names"]) and s["tensors"] >= 4)
+        if frozen is not None:
+            break
+    assert frozen is not None, "never caught the merge midway"
+    res = merge(base, case.adapter_path, out, *opts)
+    assert res.returncode == 0, res.stderr
+    assert "resumed: " in res.stdout
+    assert files(out)["model.safetensors"] == files(reference)["model.safetensors"]

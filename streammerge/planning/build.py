@@ -168,9 +168,14 @@ def _base_shards(checkpoint: Checkpoint, pending: Sequence[tuple[TensorSpec, Out
     base (merged_mxfp4 of an MXFP4 one) keeps every tensor's size, so it is laid out as its publisher laid out the base (an untied
     copy goes with its source)."""
     files: dict[str, list[TensorSpec]] = {}
+    names: dict[Any, str] = {}  # input file -> its name (one Path parse per file, not per tensor)
     for spec, tensor in pending:
         ref = checkpoint.tensors.get(spec.name)
-        files.setdefault(Path(ref.file if ref is not None else tensor.source.file).name, []).append(spec)
+        file = ref.file if ref is not None else tensor.source.file
+        name = names.get(file)
+        if name is None:
+            name = names[file] = Path(file).name
+        files.setdefault(name, []).append(spec)
     return sorted(files.items())
 
 
@@ -212,7 +217,10 @@ def resize_shard(shard: OutputShard, shapes: dict[str, tuple[int, ...]]) -> Outp
 
 
 def _with_offsets(tensor: OutputTensor, start: int, end: int) -> OutputTensor:
-    return replace(tensor, start=start, end=end)
+    """`replace(tensor, start=, end=)` without re-running the constructor (plans of 100k tensors)."""
+    placed = object.__new__(OutputTensor)
+    placed.__dict__.update(tensor.__dict__, start=start, end=end)
+    return placed
 
 
 def _check_term_shape(t: OutputTensor, term: LoraTerm) -> None:

@@ -39,7 +39,7 @@ from .pipeline import (
     _put,
     done_tensors,
 )
-from .schedule import READ_BUFFERS, WRITE_BUFFERS, Pass, chunks_of, is_passthrough, plan_layout, schedule
+from .schedule import READ_BUFFERS, WRITE_BUFFERS, Layout, Pass, chunks_of, is_passthrough, plan_layout, schedule
 
 def _plain_copy(tensor: OutputTensor) -> bool:
     """A tensor written as its source bytes, in one piece."""
@@ -79,6 +79,7 @@ class Executor:
         resume: Resume | None = None,
         hold: Collection[str] = (),
         cancel_event: threading.Event | None = None,
+        layout: Layout | None = None,  # the plan's, when the caller has it already
     ):
         self.plan = plan
         self.out_dir = out_dir
@@ -93,7 +94,7 @@ class Executor:
         self.partial: Mapping[str, Any] = dict(resume.partial) if resume is not None else {}
         recorded = dict(resume.layouts) if resume is not None else {}
         self.done = done_tensors(plan, resume)
-        self.layout = plan_layout(plan)
+        self.layout = layout if layout is not None else plan_layout(plan)
         self._schedule = list(schedule(plan, self.done, self.finished))
         self._cancelled = cancel_event if cancel_event is not None else threading.Event()
         self._finished_run = False

@@ -47,7 +47,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 JOURNAL_FILE = "journal.jsonl"
 PID_FILE = "lock"
 
-SYNC_EVERY_RECORDS = 256
+SYNC_EVERY_RECORDS = 4096  # a kill loses at most this many records (or 2 s) of work; 256 cost 0.6 s of fsyncs per 100k tensors
 SYNC_EVERY_SECONDS = 2.0
 _READ_BLOCK = 16 << 20
 

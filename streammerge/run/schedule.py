@@ -114,9 +114,14 @@ def plan_layout(plan: MergePlan) -> Layout:
     quant += max((_group_work(t) for t in streamed), default=0)
     fixed = 8 * tile + factors + quant
     count = READ_BUFFERS + WRITE_BUFFERS
-    widest_io_tensor = max(streamed, key=lambda t: qs.row_alignment(t) * _io_row_bytes(t), default=None)
-    widest_io = qs.row_alignment(widest_io_tensor) * _io_row_bytes(widest_io_tensor) if widest_io_tensor is not None else 1
-    widest_work = max((qs.row_alignment(t) * _work_row_bytes(t) for t in streamed), default=0)
+    # per tensor once: (name, rows, aligned row group's io bytes, work bytes, io and work bytes of one row)
+    sizes = []
+    for t in streamed:
+        align, rows = qs.row_alignment(t), _rows_and_width(t.weight_shape)[0]
+        io, work_row = _io_row_bytes(t), _work_row_bytes(t)
+        sizes.append((t.name, rows, align * io, align * work_row, io, work_row))
+    widest_io_name, _, widest_io = max(((n, 0, g) for n, _, g, _, _, _ in sizes), key=lambda x: x[2], default=("", 0, 1))
+    widest_work_name, _, widest_work = max(((n, 0, w) for n, _, _, w, _, _ in sizes), key=lambda x: x[2], default=("", 0, 0))
     budget = plan.options.max_memory
     if widest_work:
         share = (budget - fixed) // (count + 1)
@@ -126,15 +131,14 @@ def plan_layout(plan: MergePlan) -> Layout:
         work, buffer_bytes = 0, (budget - fixed) // count
     if buffer_bytes < widest_io:
         need = fixed + count * widest_io + widest_work
-        name = widest_io_tensor.name if widest_io * count >= widest_work else \
-            max(streamed, key=lambda t: qs.row_alignment(t) * _work_row_bytes(t)).name
+        name = widest_io_name if widest_io * count >= widest_work else widest_work_name
         raise PlanError(
             f"--max-memory {format_size(budget)} is too small: one row (or block row group) of the widest tensor "
             f"({name}) does not fit beside the per-tensor state ({format_size(fixed)}); "
             f"use at least --max-memory {math.ceil(need / 1e6)}MB"
         )
-    largest = max((_rows_and_width(t.weight_shape)[0] * _io_row_bytes(t) for t in streamed), default=1)
-    largest_work = max((_rows_and_width(t.weight_shape)[0] * _work_row_bytes(t) for t in streamed), default=0)
+    largest = max((rows * io for _, rows, _, _, io, _ in sizes), default=1)
+    largest_work = max((rows * w for _, rows, _, _, _, w in sizes), default=0)
     return Layout(min(buffer_bytes, max(largest, 1)), tile, factors, quant, min(work, largest_work))
 
 

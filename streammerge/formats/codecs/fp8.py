@@ -48,7 +48,7 @@ class Fp8BlockFormat:
     block: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "shape", tuple(map(int, self.shape)))
         if len(self.shape) != 2 or min(self.shape) <= 0:
             raise ValueError(f"block FP8 weight must be 2-D [out, in] with positive sizes, got {list(self.shape)}")
         if int(self.block) <= 0:
