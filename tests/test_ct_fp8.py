@@ -306,3 +306,25 @@ def test_per_tensor_scales_resume_byte_identical(dense_qwen3, make_adapter, tmp_
     assert res.returncode == 0, res.stderr
     assert "resumed: " in res.stdout
     assert files(out)["model.safetensors"] == files(reference)["model.safetensors"]
+
+
+def test_kv_cache_scales_kept_with_the_scheme_left_out_of_16bit(channel_case, tmp_path):
+    strategy, base, case = channel_case
+
+    def add_kv_scales(t, c):
+        for i in range(2):
+            for kv in ("k_scale", "v_scale"):
+                t[f"model.layers.{i}.self_attn.{kv}"] = torch.tensor(0.5 + i, dtype=torch.bfloat16)
+        c["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                       "dynamic": False, "symmetric": True}
+
+    kv_base = _broken_copy(base, tmp_path, add_kv_scales)
+    fp8, bf16 = tmp_path / "fp8", tmp_path / "bf16"
+    streammerge.merge(str(kv_base), [str(case.adapter_path)], str(fp8), device="cpu", method="merged_fp8")
+    streammerge.merge(str(kv_base), [str(case.adapter_path)], str(bf16), device="cpu")
+    base_t, fp8_t, bf16_t = _load(kv_base), _load(fp8), _load(bf16)
+    kv = [k for k in base_t if k.endswith(("k_scale", "v_scale"))]
+    assert len(kv) == 4 and all(torch.equal(fp8_t[k], base_t[k]) for k in kv)
+    assert not any(k.endswith(("k_scale", "v_scale", "_scale")) for k in bf16_t)
+    plan = streammerge.plan(str(kv_base), [str(case.adapter_path)])
+    assert any("left out 4 static activation / KV-cache scale(s)" in n for n in plan.notes)

@@ -16,7 +16,8 @@ from .checkpoint import Checkpoint, TensorRef
 from .codecs.ct_fp8 import SCALE_DTYPES, SCALE_SUFFIX, CtFp8Format, scale_name
 
 QUANT_METHOD = "compressed-tensors"
-ACTIVATION_SCALES = ("input_scale", "output_scale")  # static activation scales beside a quantized weight
+# static activation and KV-cache scales of the scheme (a module's input/output, attention's q/k/v)
+SCHEME_SCALES = (".input_scale", ".output_scale", ".q_scale", ".k_scale", ".v_scale")
 
 
 def ct_quantization_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -74,9 +75,17 @@ def _strategy_of(shape: tuple[int, ...], scale: tuple[int, ...], schemes: Mappin
     return None
 
 
-def find_ct_fp8(checkpoint: Checkpoint) -> dict[str, tuple[CtFp8Format, dict[str, TensorRef], dict[str, TensorRef]]]:
+def scheme_scales(checkpoint: Checkpoint) -> list[str]:
+    """The static activation / KV-cache scales of a compressed-tensors `checkpoint`: part of its scheme,
+    copied where the scheme is kept, meaningless in a 16-bit model (empty for other bases)."""
+    if ct_quantization_config(checkpoint.config) is None:
+        return []
+    return [n for n in checkpoint.tensors if n.endswith(SCHEME_SCALES)]
+
+
+def find_ct_fp8(checkpoint: Checkpoint) -> dict[str, tuple[CtFp8Format, dict[str, TensorRef]]]:
     """Every FP8 weight of a compressed-tensors `checkpoint` (empty for other bases), keyed by weight
-    name: (its format, its scale tensor, its activation scales), each tensor by name."""
+    name: (its format, its scale tensor by name)."""
     qc = ct_quantization_config(checkpoint.config)
     if qc is None:
         return {}
@@ -102,9 +111,7 @@ def find_ct_fp8(checkpoint: Checkpoint) -> dict[str, tuple[CtFp8Format, dict[str
                 "and its config disagree, re-download them"
             )
         fmt = CtFp8Format(tuple(info.shape), strategy, sref.info.dtype, schemes[strategy])
-        module = name.removesuffix(".weight")
-        extras = {n: tensors[n] for n in (f"{module}.{a}" for a in ACTIVATION_SCALES) if n in tensors}
-        found[name] = (fmt, {sname: sref}, extras)
+        found[name] = (fmt, {sname: sref})
     if not found:
         raise InputError(f"{root}: config.json's quantization_config says compressed-tensors FP8, but no tensor is "
                          "stored as FP8; remove quantization_config from config.json if the weights were dequantized")

@@ -37,9 +37,6 @@ class QuantizedWeight:
     format: Any  # bnb4.Bnb4Format | int8.Int8Format | fp8.Fp8BlockFormat | mxfp4.Mxfp4Format
     packed: TensorRef
     companions: dict[str, TensorRef] = field(default_factory=dict)  # full name -> ref, state-dict order
-    # tensors of the module that belong to its scheme but not to the weight's values (compressed-tensors'
-    # static activation scales): copied to an output in the base's scheme, left out of a 16-bit one
-    extras: dict[str, TensorRef] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -146,8 +143,7 @@ def find_quantized(checkpoint: Checkpoint) -> dict[str, QuantizedWeight]:
             raise InputError(f"{checkpoint.root}: bitsandbytes 8-bit weight {name}: {exc}") from None
         found[name] = QuantizedWeight(name, "int8", fmt, tensors[name], {c: tensors[c] for c in comps})
     if ct_quantization_config(checkpoint.config):
-        fp8 = {n: QuantizedWeight(n, "ct_fp8", fmt, tensors[n], scale, extras)
-               for n, (fmt, scale, extras) in find_ct_fp8(checkpoint).items()}
+        fp8 = {n: QuantizedWeight(n, "ct_fp8", fmt, tensors[n], scale) for n, (fmt, scale) in find_ct_fp8(checkpoint).items()}
     else:
         fp8 = find_fp8(checkpoint)
     for name, q in fp8.items():

@@ -154,7 +154,7 @@ def build_plan(checkpoint: Checkpoint, adapters: Sequence[Adapter], options: Mer
     )
     dropped = quant.dropped()
     if dropped:
-        plan = dataclasses.replace(plan, notes=(*plan.notes, f"left out {len(dropped)} static activation scale(s) "
+        plan = dataclasses.replace(plan, notes=(*plan.notes, f"left out {len(dropped)} static activation / KV-cache scale(s) "
                                                 f"of the base's FP8 scheme (e.g. {dropped[0]}): a 16-bit output has no use for them"))
     validate(plan, checkpoint, adapters, dropped)
     used = adapter_uses(plan, adapters)

@@ -32,6 +32,7 @@ from ..formats.quantized import (
     fp8_quantization_config,
     mxfp4_quantization_config,
 )
+from ..formats.compressed_tensors import scheme_scales
 from .linear_modules import LinearModules, bnb4_quantization_config, linear_modules
 
 DEFAULT_QUANT_TYPE = "nf4"
@@ -76,7 +77,8 @@ class QuantPlanner:
         self.options = options
         self.weights: dict[str, QuantizedWeight] = find_quantized(checkpoint)  # keyed by the tensor of codes
         self.companions = {c for q in self.weights.values() for c in q.companions}
-        self.extras = {e for q in self.weights.values() for e in q.extras}
+        # a compressed-tensors scheme's activation / KV-cache scales: kept with the scheme, else left out
+        self.extras = set(scheme_scales(checkpoint))
         # a model parameter stored under another name (MXFP4 `<p>_blocks`) -> that checkpoint tensor
         self.aliases = {q.name: n for n, q in self.weights.items() if q.name != n}
         self.base_qconfig = base_quantization_config(checkpoint.config)
@@ -105,7 +107,7 @@ class QuantPlanner:
         return name in self.companions
 
     def dropped(self) -> list[str]:
-        """Base tensors an output leaves out: the scheme's activation scales, unless the scheme is kept."""
+        """Base tensors an output leaves out: the scheme's activation / KV-cache scales, unless it is kept."""
         return [] if self.options.method == "merged_fp8" else sorted(self.extras)
 
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...errors import ExecutionError
-from ..safetensors import TORCH_NAME
+from ..safetensors import FROM_TORCH_NAME, TORCH_NAME
 from . import register
 from .base import Codec
 from .fp8 import E4M3, FP8_MAX, _tile_view, expand_rows, tile_amax
@@ -143,8 +143,6 @@ def quantize_rows(rows: torch.Tensor, scales: torch.Tensor, fmt: CtFp8Format, ro
 
 def _format_of(qo) -> CtFp8Format:
     """The format a QuantOut of this codec describes (quant_type: strategy, blocksize: tile, dtype: scale dtype)."""
-    from ..safetensors import FROM_TORCH_NAME
-
     return CtFp8Format(tuple(qo.shape), qo.quant_type, FROM_TORCH_NAME[qo.dtype], qo.blocksize)
 
 
