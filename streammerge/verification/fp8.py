@@ -12,51 +12,17 @@ smaller than the FP8 step (~6 % of a value) cannot be told from quantization noi
 
 from __future__ import annotations
 
-import torch
-
-from ..formats import codecs
-from ..formats.safetensors import TORCH_NAME
-from ..planning.types import OutputTensor
-from .base import U32, Chunk, Context, Fault, TensorResult
-from .checks import RecomputeCheck
+from .base import U32
+from .scaled import ScaledWeightCheck
 
 E4M3_HALF_ULP = 2.0**-4  # relative, normal values
 E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
 
 
-class Fp8WeightCheck(RecomputeCheck):
+class Fp8WeightCheck(ScaledWeightCheck):
     """The e4m3 codes of a merged_fp8 weight (see the module docstring)."""
 
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        self.qo = tensor.quant_out
-        self.broken: str | None = None
-        super().__init__(tensor, ctx)
-        self.category = "quant"
-        codec = codecs.get(self.qo.codec)  # block FP8 or compressed-tensors FP8
-        scale_name, scale_dtype, scale_shape = codec.output_specs(self.qo.weight, self.qo)[1]
-        scales = ctx.out_tensor(scale_name)
-        if scales is None or tuple(scales.shape) != tuple(scale_shape) or scales.dtype != getattr(torch, TORCH_NAME[scale_dtype]):
-            self.broken = f"its scale tensor {scale_name} is missing or is not {scale_dtype} {list(scale_shape)}"
-            return
-        self.decoder = codec.decoder(codec.output_format(self.qo), self.qo.weight, lambda _name: scales, ctx.device)
-
-    def _value_dtype(self) -> str:
-        return "F32"  # decoded values are float32 products; the quantization step is in _tolerance
-
-    def _unit_roundoff(self) -> float:
-        return U32
-
-    def out_span(self, r0: int, r1: int) -> tuple[int, int]:
-        return r0 * self.width, (r1 - r0) * self.width
-
-    def feed(self, chunk: Chunk) -> None:
-        if self.broken is None:
-            super().feed(chunk)
-
-    def _observed(self, chunk: Chunk, a: int, b: int, o: torch.Tensor) -> None:
-        raw = torch.frombuffer(chunk.out, dtype=torch.uint8, count=len(chunk.out))[a * self.width: b * self.width]
-        r0 = chunk.row_start + a
-        o.copy_(self.decoder.rows(raw.to(self.ctx.device), r0, r0 + (b - a)))
+    label = "FP8"
 
     def _tolerance(self, o, w, e, ab, bound, scratch, r0, a, chunk) -> None:
         row0 = chunk.row_start + a
@@ -65,9 +31,3 @@ class Fp8WeightCheck(RecomputeCheck):
         bound.add_(scratch.copy_(e).abs_(), alpha=2 * U32 + self.rho)
         bound.add_(ab, alpha=self.eps)
         bound.add_(self.floor)
-
-    def finish(self):
-        if self.broken is not None:
-            name = self.tensor.name
-            return TensorResult(name, "quant", False), Fault("unreadable", name, f"cannot check the FP8 weight: {self.broken}")
-        return super().finish()

@@ -15,50 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import codecs
-from ..planning.types import OutputTensor
-from .base import U32, Chunk, Context, Fault, TensorResult
-from .checks import RecomputeCheck
+from .base import U32
+from .scaled import ScaledWeightCheck
 
 
-class Mxfp4WeightCheck(RecomputeCheck):
+class Mxfp4WeightCheck(ScaledWeightCheck):
     """The e2m1 codes of a merged_mxfp4 expert parameter (see the module docstring)."""
 
-    def __init__(self, tensor: OutputTensor, ctx: Context):
-        self.qo = tensor.quant_out
-        self.broken: str | None = None
-        super().__init__(tensor, ctx)
-        self.category = "quant"
-        self.codec = codec = codecs.get("mxfp4")
-        scale_name, _, scale_shape = codec.output_specs(self.param, self.qo)[1]
-        scales = ctx.out_tensor(scale_name)
-        if scales is None or tuple(scales.shape) != tuple(scale_shape) or scales.dtype != torch.uint8:
-            self.broken = f"its scale tensor {scale_name} is missing or is not uint8 {list(scale_shape)}"
-            return
-        self.decoder = codec.decoder({"shape": list(self.qo.shape)}, self.qo.weight, lambda _name: scales, ctx.device)
+    label = "MXFP4"
 
     @property
     def param(self) -> str:
         return self.qo.weight.removesuffix("_blocks")
-
-    def _value_dtype(self) -> str:
-        return "F32"  # decoded values are exact products; the quantization step is in _tolerance
-
-    def _unit_roundoff(self) -> float:
-        return U32
-
-    def out_span(self, r0: int, r1: int) -> tuple[int, int]:
-        return r0 * self.width // 2, (r1 - r0) * self.width // 2
-
-    def feed(self, chunk: Chunk) -> None:
-        if self.broken is None:
-            super().feed(chunk)
-
-    def _observed(self, chunk: Chunk, a: int, b: int, o: torch.Tensor) -> None:
-        half = self.width // 2
-        raw = torch.frombuffer(chunk.out, dtype=torch.uint8, count=len(chunk.out))[a * half: b * half]
-        r0 = chunk.row_start + a
-        o.copy_(self.decoder.rows(raw.to(self.ctx.device), r0, r0 + (b - a)))
 
     def _tolerance(self, o, w, e, ab, bound, scratch, r0, a, chunk) -> None:
         row0 = chunk.row_start + a
@@ -71,9 +39,3 @@ class Mxfp4WeightCheck(RecomputeCheck):
         bound.add_(scratch.copy_(e).abs_(), alpha=2 * U32 + self.rho)
         bound.add_(ab, alpha=self.eps)
         bound.add_(self.floor)
-
-    def finish(self):
-        if self.broken is not None:
-            name = self.tensor.name
-            return TensorResult(name, "quant", False), Fault("unreadable", name, f"cannot check the MXFP4 weight: {self.broken}")
-        return super().finish()

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...errors import ExecutionError
+
 
 class Codec:
     """One stored encoding. Subclasses set `name` (the registry key) and override what applies."""
@@ -88,3 +90,49 @@ def copy_into(data: memoryview, out: memoryview | None) -> memoryview:
         return data
     out[: len(data)] = data
     return out[: len(data)]
+
+
+class ScaledWeightCodec(Codec):
+    """A quantized-weight codec whose weight is codes plus one scale tensor (block FP8, compressed-
+    tensors FP8, MXFP4): what they share as a source and as an output. Subclasses set `format_class`
+    (the JSON-friendly format with a `shape`), `stash_part` (the scale part) and what differs."""
+
+    format_class: ClassVar[Any] = None
+    stash_part: ClassVar[str] = ""  # the scale part, the statistic a pass over the weight yields
+    small_parts: ClassVar[tuple[str, ...]] = ()
+
+    def format(self, fmt_json: dict[str, Any]) -> Any:
+        return self.format_class.from_json(fmt_json)
+
+    def source_alignment(self, fmt_json: dict[str, Any]) -> int:
+        return 1  # every row finds its scales by index
+
+    def source_span(self, fmt_json: dict[str, Any], row_start: int, row_stop: int) -> tuple[int, int]:
+        """One byte per element (e4m3 codes), rows [out, in]."""
+        width = self.format(fmt_json).shape[1]
+        return row_start * width, (row_stop - row_start) * width
+
+    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
+        return "F32"
+
+    def out_bytes(self, elements: int) -> int:
+        return elements
+
+    @staticmethod
+    def constant_part(qo) -> torch.Tensor | None:
+        return None
+
+    @staticmethod
+    def part_tensor(stats: dict[str, torch.Tensor], qo) -> torch.Tensor:
+        return stats[qo.part]
+
+
+def refuse_nonfinite(merged: torch.Tensor, weight: str, first_row: int, unit: str, fmt: str) -> None:
+    """A quantized output cannot store NaN/Inf: an error naming the tensor and the row (or expert)."""
+    if bool(torch.isfinite(merged).all()):
+        return
+    bad = int((~torch.isfinite(merged)).nonzero()[0, 0]) + first_row
+    raise ExecutionError(
+        f"tensor {weight!r}: the merged weight has NaN/Inf in {unit} {bad}, which {fmt} cannot store; "
+        "the output is left incomplete: fix the adapter or the base"
+    )

@@ -26,7 +26,7 @@ import torch
 from ...errors import ExecutionError
 from ..safetensors import FROM_TORCH_NAME, TORCH_NAME
 from . import register
-from .base import Codec
+from .base import ScaledWeightCodec, refuse_nonfinite
 from .fp8 import E4M3, FP8_MAX, _tile_view, expand_rows, tile_amax
 
 STRATEGIES = ("tensor", "channel", "block")
@@ -146,34 +146,20 @@ def _format_of(qo) -> CtFp8Format:
     return CtFp8Format(tuple(qo.shape), qo.quant_type, FROM_TORCH_NAME[qo.dtype], qo.blocksize)
 
 
-class CtFp8Codec(Codec):
+class CtFp8Codec(ScaledWeightCodec):
     name = "ct_fp8"
     method = None  # --method merged_fp8 of a compressed-tensors base (planning/quant.py)
     description = "compressed-tensors FP8 (e4m3 weight, weight_scale per tensor / channel / tile; llm-compressor)"
+    format_class = CtFp8Format
     stash_part = "weight_scale"
-    small_parts: tuple[str, ...] = ()
-
-    @staticmethod
-    def format(fmt_json: dict[str, Any]) -> CtFp8Format:
-        return CtFp8Format.from_json(fmt_json)
 
     # -- as a source
-
-    def source_alignment(self, fmt_json: dict[str, Any]) -> int:
-        return 1
-
-    def source_span(self, fmt_json: dict[str, Any], row_start: int, row_stop: int) -> tuple[int, int]:
-        width = self.format(fmt_json).shape[1]
-        return row_start * width, (row_stop - row_start) * width
 
     def source_state_bytes(self, fmt_json: dict[str, Any], rows: int) -> int:
         n = 1
         for d in self.format(fmt_json).scale_shape:
             n *= d
         return n * 8  # stored and as float32 on the device
-
-    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
-        return "F32"
 
     def decoder(self, fmt_json: dict[str, Any], name: str, read: Read, device: torch.device) -> "CtFp8Decoder":
         return CtFp8Decoder(self.format(fmt_json), read(scale_name(name)).to(device))
@@ -187,9 +173,6 @@ class CtFp8Codec(Codec):
         # tile scales, or one per row (rows of at least 64 elements in any real linear layer); three copies
         return (elements // (blocksize * blocksize if blocksize else 64) + 1) * 4 * 3
 
-    def out_bytes(self, elements: int) -> int:
-        return elements
-
     @staticmethod
     def measured_first(qo) -> bool:
         """A per-tensor scale is the whole tensor's: a measuring pass runs before the codes are written."""
@@ -197,14 +180,6 @@ class CtFp8Codec(Codec):
 
     def quantizer(self, qo) -> "CtFp8Quantizer":
         return CtFp8Quantizer(qo)
-
-    @staticmethod
-    def constant_part(qo) -> torch.Tensor | None:
-        return None
-
-    @staticmethod
-    def part_tensor(stats: dict[str, torch.Tensor], qo) -> torch.Tensor:
-        return stats[qo.part]
 
     @staticmethod
     def output_format(qo) -> dict[str, Any]:
@@ -260,12 +235,7 @@ class CtFp8Quantizer:
         self._tensor_scale = stats["weight_scale"]
 
     def _check(self, merged: torch.Tensor) -> None:
-        if not bool(torch.isfinite(merged).all()):
-            bad = int((~torch.isfinite(merged)).nonzero()[0, 0]) + self._row
-            raise ExecutionError(
-                f"tensor {self.qo.weight!r}: the merged weight has NaN/Inf in row {bad}, which FP8 cannot store; "
-                "the output is left incomplete: fix the adapter or the base"
-            )
+        refuse_nonfinite(merged, self.qo.weight, self._row, "row", "FP8")
 
     def _group_scales(self, merged: torch.Tensor) -> torch.Tensor:
         return scales_of(group_amax(merged, self.fmt.strategy, self.fmt.block), self.fmt.scale_dtype)

@@ -24,9 +24,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ...errors import ExecutionError
 from . import register
-from .base import Codec
+from .base import ScaledWeightCodec, refuse_nonfinite
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # "<m>.weight" -> "<m>.weight_scale_inv"
@@ -141,32 +140,18 @@ def quantize_rows(rows: torch.Tensor, row_start: int, block: int, out: torch.Ten
     return codes, inv
 
 
-class Fp8BlockCodec(Codec):
+class Fp8BlockCodec(ScaledWeightCodec):
     name = "fp8"
     method = None  # --method merged_fp8 is planned with the quantized weights (planning/quant.py)
     description = "block FP8 (e4m3 weight, float32 weight_scale_inv per B×B tile; DeepSeek-V3 style)"
-    stash_part = "weight_scale_inv"  # the statistic the quantizer's pass yields, kept for its tensor
-    small_parts: tuple[str, ...] = ()
-
-    @staticmethod
-    def format(fmt_json: dict[str, Any]) -> Fp8BlockFormat:
-        return Fp8BlockFormat.from_json(fmt_json)
+    format_class = Fp8BlockFormat
+    stash_part = "weight_scale_inv"
 
     # -- as a source
-
-    def source_alignment(self, fmt_json: dict[str, Any]) -> int:
-        return 1  # every row finds its scale row by index
-
-    def source_span(self, fmt_json: dict[str, Any], row_start: int, row_stop: int) -> tuple[int, int]:
-        width = self.format(fmt_json).shape[1]
-        return row_start * width, (row_stop - row_start) * width
 
     def source_state_bytes(self, fmt_json: dict[str, Any], rows: int) -> int:
         r, c = self.format(fmt_json).scale_shape
         return r * c * 4 * 2  # stored and on the device
-
-    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
-        return "F32"
 
     def decoder(self, fmt_json: dict[str, Any], name: str, read: Read, device: torch.device) -> "Fp8Decoder":
         return Fp8Decoder(self.format(fmt_json), read(scale_name(name)).to(device))
@@ -179,19 +164,8 @@ class Fp8BlockCodec(Codec):
     def output_state_bytes(self, elements: int, blocksize: int) -> int:
         return -(-elements // (blocksize * blocksize)) * 4 * 3  # tile scales, their concatenation, the stash
 
-    def out_bytes(self, elements: int) -> int:
-        return elements
-
     def quantizer(self, qo) -> "Fp8Quantizer":
         return Fp8Quantizer(qo)
-
-    @staticmethod
-    def constant_part(qo) -> torch.Tensor | None:
-        return None
-
-    @staticmethod
-    def part_tensor(stats: dict[str, torch.Tensor], qo) -> torch.Tensor:
-        return stats[qo.part]
 
     @staticmethod
     def output_format(qo) -> dict[str, Any]:
@@ -234,12 +208,7 @@ class Fp8Quantizer:
         self._row = 0
 
     def _check(self, merged: torch.Tensor) -> None:
-        if not bool(torch.isfinite(merged).all()):
-            bad = int((~torch.isfinite(merged)).nonzero()[0, 0]) + self._row
-            raise ExecutionError(
-                f"tensor {self.qo.weight!r}: the merged weight has NaN/Inf in row {bad}, which FP8 cannot store; "
-                "the output is left incomplete: fix the adapter or the base"
-            )
+        refuse_nonfinite(merged, self.qo.weight, self._row, "row", "FP8")
 
     def pack(self, merged: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(merged)

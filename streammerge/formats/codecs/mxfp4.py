@@ -25,9 +25,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ...errors import ExecutionError
 from . import register
-from .base import Codec
+from .base import ScaledWeightCodec, refuse_nonfinite
 
 BLOCK = 32  # elements per scale
 BLOCKS_SUFFIX = "_blocks"
@@ -131,22 +130,15 @@ def quantize_experts(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return blocks.transpose(1, 2).contiguous(), stored_scales.transpose(1, 2).contiguous()
 
 
-class Mxfp4Codec(Codec):
+class Mxfp4Codec(ScaledWeightCodec):
     name = "mxfp4"
     block = BLOCK
     method = None  # --method merged_mxfp4 is planned with the quantized weights (planning/quant.py)
     description = "MXFP4 (e2m1 codes, an E8M0 scale per 32 values; gpt-oss experts)"
-    stash_part = "scales"  # the statistic the quantizer's pass yields, kept for its tensor
-    small_parts: tuple[str, ...] = ()
-
-    @staticmethod
-    def format(fmt_json: dict[str, Any]) -> Mxfp4Format:
-        return Mxfp4Format.from_json(fmt_json)
+    format_class = Mxfp4Format
+    stash_part = "scales"
 
     # -- as a source (rows are experts)
-
-    def source_alignment(self, fmt_json: dict[str, Any]) -> int:
-        return 1
 
     def source_span(self, fmt_json: dict[str, Any], row_start: int, row_stop: int) -> tuple[int, int]:
         _, i, o = self.format(fmt_json).shape
@@ -156,9 +148,6 @@ class Mxfp4Codec(Codec):
     def source_state_bytes(self, fmt_json: dict[str, Any], rows: int) -> int:
         e, i, o = self.format(fmt_json).shape
         return e * o * (i // BLOCK) * 2  # the stored scales and their copy on the device
-
-    def decoded_dtype(self, fmt_json: dict[str, Any]) -> str:
-        return "F32"
 
     def decoder(self, fmt_json: dict[str, Any], name: str, read: Read, device: torch.device) -> "Mxfp4Decoder":
         fmt = self.format(fmt_json)
@@ -179,12 +168,9 @@ class Mxfp4Codec(Codec):
         return Mxfp4Quantizer(qo)
 
     @staticmethod
-    def constant_part(qo) -> torch.Tensor | None:
-        return None
-
-    @staticmethod
-    def part_tensor(stats: dict[str, torch.Tensor], qo) -> torch.Tensor:
-        return stats[qo.part]
+    def output_format(qo) -> dict[str, Any]:
+        """The source-format JSON of an output weight of this codec (verify decodes what was written)."""
+        return Mxfp4Format(tuple(qo.shape)).to_json()
 
     @staticmethod
     def element_scales_of(values: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -233,12 +219,7 @@ class Mxfp4Quantizer:
         self._row = 0
 
     def _quantize(self, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(torch.isfinite(merged).all()):
-            bad = int((~torch.isfinite(merged)).nonzero()[0, 0]) + self._row
-            raise ExecutionError(
-                f"tensor {self.qo.weight!r}: the merged weight has NaN/Inf in expert {bad}, which MXFP4 cannot store; "
-                "the output is left incomplete: fix the adapter or the base"
-            )
+        refuse_nonfinite(merged, self.qo.weight, self._row, "expert", "MXFP4")
         _, i, o = self.shape
         blocks, scales = quantize_experts(merged.view(merged.shape[0], i, o))
         self._scales.append(scales.cpu())
