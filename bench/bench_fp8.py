@@ -81,10 +81,10 @@ def _fill(fh, spec: TensorSpec, rng) -> None:
             fh.write(((rng.standard_normal(k, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 
-def write_checkpoint(root: Path, specs: list[TensorSpec], targets: dict, shard_bytes: int) -> int:
+def write_shards(root: Path, specs: list[TensorSpec], fill, shard_bytes: int) -> int:
+    """`specs` as safetensors shards of about `shard_bytes` (in order, each in save order) with their
+    index, every tensor's bytes from `fill(fh, spec, rng)`; returns the tensor bytes."""
     import numpy as np
-    import torch
-    from safetensors.torch import save_file
 
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -105,10 +105,18 @@ def write_checkpoint(root: Path, specs: list[TensorSpec], targets: dict, shard_b
         with open(root / name, "wb") as fh:
             fh.write(header)
             for s in ordered:
-                _fill(fh, s, rng)
+                fill(fh, s, rng)
         weight_map.update({s.name: name for s in group})
     total = sum(s.nbytes for s in specs)
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def write_checkpoint(root: Path, specs: list[TensorSpec], targets: dict, shard_bytes: int) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    total = write_shards(root, specs, _fill, shard_bytes)
     (root / "config.json").write_text(json.dumps({
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
         "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

@@ -26,8 +26,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+import bench_fp8 as bf  # noqa: E402
 import bench_merge as bm  # noqa: E402
-from streammerge.formats.safetensors import TensorSpec, build_header, save_order  # noqa: E402
+from streammerge.formats.safetensors import TensorSpec  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2880, 2880, 128, 64, 8, 64, 201088
 RANK = 8
@@ -75,32 +76,7 @@ def _fill(fh, spec: TensorSpec, rng) -> None:
 
 
 def write_base(root: Path, layers: int, shard_bytes: int = 4 * 10**9) -> int:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    specs = tensors(layers)
-    groups, current, size = [], [], 0
-    for s in specs:
-        current.append(s)
-        size += s.nbytes
-        if size >= shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
-    weight_map = {}
-    for i, group in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        ordered = save_order(group)
-        header, _ = build_header(ordered, {"format": "pt"})
-        with open(root / name, "wb") as fh:
-            fh.write(header)
-            for s in ordered:
-                _fill(fh, s, rng)
-        weight_map.update({s.name: name for s in group})
-    total = sum(s.nbytes for s in specs)
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = bf.write_shards(root, tensors(layers), _fill, shard_bytes)
     (root / "config.json").write_text(json.dumps({
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "torch_dtype": "bfloat16",
         "hidden_size": HIDDEN, "intermediate_size": INTER, "num_local_experts": EXPERTS, "num_experts_per_tok": 4,

@@ -22,6 +22,7 @@ pytest.importorskip("accelerate")
 import ct_models as C  # noqa: E402
 import streammerge  # noqa: E402
 from conftest import run_cli  # noqa: E402
+from quant_cases import broken_copy, kill_and_resume, merge_fails_with_one_line, nan_adapter  # noqa: E402
 from streammerge.formats.codecs import ct_fp8 as codec  # noqa: E402
 
 BLOCK = 32  # the tiny models' tiles
@@ -215,30 +216,13 @@ def test_ct_base_to_merged_4bit_verifies(channel_case, tmp_path):
 
 def test_merged_fp8_of_ct_base_refuses_nan(ct_case, tmp_path):
     strategy, base, case = ct_case
-    adapter = tmp_path / "nan-adapter"
-    shutil.copytree(case.adapter_path, adapter)
-    f = adapter / "adapter_model.safetensors"
-    tensors = load_file(str(f))
-    key = next(k for k in tensors if "down_proj.lora_B" in k)
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(f))
+    adapter, _, _ = nan_adapter(case.adapter_path, tmp_path, "down_proj.lora_B")
     r = run_cli("merge", base, adapter, "--out", tmp_path / "o", "--method", "merged_fp8")
     assert r.returncode != 0 and "NaN/Inf" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- hostile inputs
-
-
-def _broken_copy(base: Path, tmp_path: Path, edit) -> Path:
-    out = tmp_path / "broken"
-    shutil.copytree(base, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    config = json.loads((out / "config.json").read_text())
-    edit(tensors, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 S = "model.layers.0.self_attn.q_proj.weight_scale"
@@ -264,13 +248,9 @@ def _group(c):
 ])
 def test_hostile_ct_base_one_error_line(channel_case, tmp_path, edit, words):
     strategy, base, case = channel_case
-    broken = _broken_copy(base, tmp_path, edit)
+    broken = broken_copy(base, tmp_path, edit)
     for method in ("merged_16bit", "merged_fp8"):
-        r = run_cli("merge", broken, case.adapter_path, "--out", tmp_path / f"out-{method}", "--method", method)
-        assert r.returncode != 0
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
-        assert not (tmp_path / f"out-{method}" / "model.safetensors").exists()
+        merge_fails_with_one_line(broken, case.adapter_path, tmp_path / f"out-{method}", method, words)
 
 
 def test_config_says_ct_without_fp8_tensors(dense_qwen3, make_adapter, tmp_path):
@@ -287,7 +267,7 @@ def test_config_says_ct_without_fp8_tensors(dense_qwen3, make_adapter, tmp_path)
 def test_per_tensor_scales_resume_byte_identical(dense_qwen3, make_adapter, tmp_path_factory, tmp_path):
     """A per-tensor scale is measured by a statistics pass before the codes: a merge killed midway
     and resumed redoes both passes of the weight it was in, and writes the same bytes."""
-    from test_resume import files, kill_when, merge, start
+    from test_resume import files, merge
 
     strategy, base, case = _case("tensor", dense_qwen3, tmp_path_factory, make_adapter)
     opts = ("--method", "merged_fp8", "--max-chunk-rows", "8")
@@ -295,15 +275,7 @@ def test_per_tensor_scales_resume_byte_identical(dense_qwen3, make_adapter, tmp_
     res = merge(base, case.adapter_path, reference, *opts, "--quiet")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
-    for attempt in range(6):
-        shutil.rmtree(out, ignore_errors=True)
-        frozen = kill_when(start(base, case.adapter_path, out, *opts, "--quiet"), out,
-                           lambda s: any(n.endswith(".partial") for n in s["names"]) and s["tensors"] >= 4)
-        if frozen is not None:
-            break
-    assert frozen is not None, "never caught the merge midway"
-    res = merge(base, case.adapter_path, out, *opts)
-    assert res.returncode == 0, res.stderr
+    frozen, res = kill_and_resume(base, case.adapter_path, out, opts)
     assert "resumed: " in res.stdout
     assert files(out)["model.safetensors"] == files(reference)["model.safetensors"]
 
@@ -318,7 +290,7 @@ def test_kv_cache_scales_kept_with_the_scheme_left_out_of_16bit(channel_case, tm
         c["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
                                                        "dynamic": False, "symmetric": True}
 
-    kv_base = _broken_copy(base, tmp_path, add_kv_scales)
+    kv_base = broken_copy(base, tmp_path, add_kv_scales)
     fp8, bf16 = tmp_path / "fp8", tmp_path / "bf16"
     streammerge.merge(str(kv_base), [str(case.adapter_path)], str(fp8), device="cpu", method="merged_fp8")
     streammerge.merge(str(kv_base), [str(case.adapter_path)], str(bf16), device="cpu")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import fp8_models as F
 import streammerge
 from conftest import run_cli
+from quant_cases import broken_copy, kill_and_resume, merge_fails_with_one_line, nan_adapter
 from streammerge.formats.codecs import fp8 as codec
 
 BLOCK = 32  # the tiny models' tiles (DeepSeek's are 128): several tiles per tensor, edge tiles included
@@ -275,17 +276,6 @@ def test_plan_counts_fp8(fp8_case):
 # ----------------------------------------------------------------------------- hostile inputs
 
 
-def _broken_copy(base: Path, tmp_path: Path, edit) -> Path:
-    out = tmp_path / "broken"
-    shutil.copytree(base, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    config = json.loads((out / "config.json").read_text())
-    edit(tensors, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 S = "model.layers.0.self_attn.q_proj.weight_scale_inv"
 
 
@@ -302,14 +292,9 @@ S = "model.layers.0.self_attn.q_proj.weight_scale_inv"
 ])
 def test_hostile_fp8_base_one_error_line(fp8_case, tmp_path, edit, words):
     base, case = fp8_case
-    broken = _broken_copy(base, tmp_path, edit)
+    broken = broken_copy(base, tmp_path, edit)
     for method in ("merged_16bit", "merged_fp8"):
-        r = run_cli("merge", broken, case.adapter_path, "--out", tmp_path / f"out-{method}", "--method", method)
-        assert r.returncode != 0
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
-        assert "Traceback" not in r.stderr
-        assert not (tmp_path / f"out-{method}" / "model.safetensors").exists()
+        merge_fails_with_one_line(broken, case.adapter_path, tmp_path / f"out-{method}", method, words)
 
 
 @pytest.mark.parametrize("method", ["hqq", "gptq", "awq"])
@@ -349,13 +334,7 @@ def test_fp8_modules_option_rules(fp8_case, dense_qwen3, make_adapter, tmp_path)
 
 def test_merged_fp8_refuses_nan_from_the_adapter(fp8_case, tmp_path):
     base, case = fp8_case
-    adapter = tmp_path / "nan-adapter"
-    shutil.copytree(case.adapter_path, adapter)
-    f = adapter / "adapter_model.safetensors"
-    tensors = load_file(str(f))
-    key = next(k for k in tensors if "q_proj.lora_B" in k)
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(f))
+    adapter, tensors, key = nan_adapter(case.adapter_path, tmp_path, "q_proj.lora_B")
     r = run_cli("merge", base, adapter, "--out", tmp_path / "o", "--method", "merged_fp8")
     assert r.returncode != 0 and "NaN/Inf" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "model.safetensors").exists()
@@ -433,7 +412,7 @@ def test_deepseek_merged_fp8_bytes_equal_reference(deepseek_case, tmp_path):
 
 
 def test_merged_fp8_keeps_the_base_shards_and_resumes_byte_identical(dense_qwen3, tmp_path):
-    from test_resume import files, kill_when, merge, start
+    from test_resume import files, merge
 
     base = F.quantize_folder(dense_qwen3, tmp_path / "base", BLOCK, shards=3)
     case = streammerge_adapter(base, tmp_path / "lora")
@@ -442,15 +421,7 @@ def test_merged_fp8_keeps_the_base_shards_and_resumes_byte_identical(dense_qwen3
     res = merge(base, case.adapter_path, reference, *opts, "--quiet")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
-    for attempt in range(6):
-        shutil.rmtree(out, ignore_errors=True)
-        frozen = kill_when(start(base, case.adapter_path, out, *opts, "--quiet"), out,
-                           lambda s: any(n.endswith(".partial") for n in s["names"]) and s["tensors"] >= 4)
-        if frozen is not None:
-            break
-    assert frozen is not None, "never caught the merge mid-shard"
-    res = merge(base, case.adapter_path, out, *opts)
-    assert res.returncode == 0, res.stderr
+    frozen, res = kill_and_resume(base, case.adapter_path, out, opts)
     assert int(res.stdout.split("resumed: ")[1].split("/")[0]) >= frozen["tensors"]
     ours, ref = files(out), files(reference)
     shards = sorted(n for n in ref if n.endswith(".safetensors"))

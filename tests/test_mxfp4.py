@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import mxfp4_models as M
 import streammerge
 from conftest import run_cli
+from quant_cases import broken_copy, merge_fails_with_one_line, nan_adapter
 from models import EXPERT_PARAMS
 from mxfp4_rows import golden_rows
 from streammerge.formats.codecs import mxfp4 as codec
@@ -260,13 +261,7 @@ def test_plan_counts_mxfp4(mx_case):
 
 def test_merged_mxfp4_refuses_nan_from_the_adapter(mx_case, tmp_path):
     base, case = mx_case
-    adapter = tmp_path / "nan-adapter"
-    shutil.copytree(case.adapter_path, adapter)
-    f = adapter / "adapter_model.safetensors"
-    tensors = load_file(str(f))
-    key = next(k for k in tensors if "experts.lora_B" in k)
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(f))
+    adapter, _, _ = nan_adapter(case.adapter_path, tmp_path, "experts.lora_B")
     r = run_cli("merge", base, adapter, "--out", tmp_path / "o", "--method", "merged_mxfp4")
     assert r.returncode != 0 and "NaN/Inf" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "model.safetensors").exists()
@@ -279,17 +274,6 @@ def test_merged_mxfp4_needs_an_mxfp4_base(make_base, make_adapter, tmp_path):
 
 
 # ----------------------------------------------------------------------------- hostile inputs
-
-
-def _broken_copy(base: Path, tmp_path: Path, edit) -> Path:
-    out = tmp_path / "broken"
-    shutil.copytree(base, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    config = json.loads((out / "config.json").read_text())
-    edit(tensors, config)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 P = "model.layers.0.mlp.experts.gate_up_proj"
@@ -305,13 +289,9 @@ P = "model.layers.0.mlp.experts.gate_up_proj"
 ])
 def test_hostile_mxfp4_base_one_error_line(mx_case, tmp_path, edit, words):
     base, case = mx_case
-    broken = _broken_copy(base, tmp_path, edit)
+    broken = broken_copy(base, tmp_path, edit)
     for method in ("merged_16bit", "merged_mxfp4"):
-        r = run_cli("merge", broken, case.adapter_path, "--out", tmp_path / f"out-{method}", "--method", method)
-        assert r.returncode != 0
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
-        assert not (tmp_path / f"out-{method}" / "model.safetensors").exists()
+        merge_fails_with_one_line(broken, case.adapter_path, tmp_path / f"out-{method}", method, words)
 
 
 def test_config_says_mxfp4_without_blocks(make_base, make_adapter, tmp_path):
