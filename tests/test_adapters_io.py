@@ -276,14 +276,17 @@ def test_resized_vocabulary_refused(llama_case, tmp_path, capsys):
 def test_plan_reports_coverage(make_base, make_adapter, capsys):
     base = make_base("qwen2")
     case = make_adapter(base, target_modules=["q_proj", "k_proj"], lora_bias=True, modules_to_save=["norm"], perturb=True)
-    n_keys = len(load_file(str(case.adapter_path / "adapter_model.safetensors")))
+    keys = list(load_file(str(case.adapter_path / "adapter_model.safetensors")))
+    n_keys = len(keys)
+    # the norms PEFT saved whole: "norm" is every layer's norm in peft 0.21, only model.norm from 0.22 on
+    saved = sum(1 for k in keys if "lora_" not in k)
     rc, out, err = cli(capsys, "plan", base, case.adapter_path)
     assert rc == 0, err
     lines = {l.split(":", 1)[0].strip(): l.split(":", 1)[1].strip() for l in out.splitlines() if ":" in l}
     assert lines["coverage"] == f"{n_keys}/{n_keys} adapter tensors used"
     ops = dict(item.rsplit(" ", 1) for item in lines["ops"].split(", "))
-    # 2 layers x (q, k): 4 merged weights + 4 lora biases; norm: 2 x 2 layer norms + final norm
-    assert ops["merge"] == "4" and ops["bias_add"] == "4" and ops["replace"] == "5", ops
+    # 2 layers x (q, k): 4 merged weights + 4 lora biases; each saved norm replaced
+    assert saved in (1, 5) and ops["merge"] == "4" and ops["bias_add"] == "4" and ops["replace"] == str(saved), ops
     rc, out, _ = cli(capsys, "plan", base, case.adapter_path, "--json")
     coverage = json.loads(out)["coverage"]
     assert coverage["used"] == coverage["adapter_tensors"] == n_keys

@@ -42,11 +42,16 @@ def _peft(raw):
 
 
 def test_field_table_matches_peft():
+    import peft
+
     fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
-    assert set(fields) == lc.KNOWN_FIELDS, "LoraConfig's fields changed: update lora_config.py"
+    installed = tuple(int(x) for x in peft.__version__.split(".")[:2])
+    newer = {n for n, since in lc.ADDED_IN.items() if installed < since}  # not in the installed PEFT yet
+    assert set(fields) == lc.KNOWN_FIELDS - newer, "LoraConfig's fields changed: update adapters/config.py"
     defaults = LoraConfig()
     for name, value in lc.DEFAULT_ONLY_FIELDS.items():
-        assert getattr(defaults, name) == value, name
+        if name not in newer:
+            assert getattr(defaults, name) == value, name
     ours = lc.LoraSettings()
     for f in dataclasses.fields(lc.LoraSettings):
         if f.name not in ("peft_type",):

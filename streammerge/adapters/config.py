@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# LoraConfig fields (peft 0.21) that do not change a merge: accepted with any value
+# LoraConfig fields (peft 0.21-0.22) that do not change a merge: accepted with any value
 IGNORED_FIELDS = frozenset({
     "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
     "megatron_core", "runtime_config", "qalora_group_size",
@@ -32,8 +32,10 @@ DEFAULT_ONLY_FIELDS: dict[str, Any] = {
     "megatron_config": None, "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
     "layer_replication": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
-    "ensure_weight_tying": False,
+    "ensure_weight_tying": False, "astra_config": None,
 }
+# fields newer than the lowest supported PEFT (0.21): version that added each (its older configs lack it)
+ADDED_IN = {"astra_config": (0, 22)}
 TASK_TYPES = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
 _PLAIN_INIT = (True, False, "gaussian")  # initializations without a merge-time meaning or post-init rules
 
