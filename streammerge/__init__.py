@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .version import __version__
 
-__all__ = ["merge", "plan", "verify", "save_merged", "__version__"]
+__all__ = ["merge", "plan", "verify", "finalize", "save_merged", "__version__"]
 
 
 def merge(*args, **kwargs):
@@ -36,3 +36,10 @@ def verify(*args, **kwargs):
     from .api import verify as _verify
 
     return _verify(*args, **kwargs)
+
+
+def finalize(*args, **kwargs):
+    """Complete a merge whose partitions have all run; see `streammerge.api.finalize`."""
+    from .api import finalize as _finalize
+
+    return _finalize(*args, **kwargs)

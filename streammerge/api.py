@@ -12,24 +12,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .version import __version__
 from .adapters.load import Adapter, check_finite, load_adapter
 from .errors import DiskFullError, InputError, Interrupted, OptionError, OutputError, StreamMergeWarning
-from .formats.checkpoint import INDEX_FILE
 from .hub.checkpoint import open_base
 from .hub.client import adapter_folder
-from .formats.folder import (
-    RECORD_FILE,
-    atomic_write_json,
-    check_output_path,
-    clear_folder,
-    copy_other_files,
-    merged_config,
-    write_index,
-)
+from .formats.folder import check_output_path
 from .formats.safetensors import DISK_FULL_ERRNOS, fsync_dir
 from .network import guarded
 from .options import AdapterArg, MergeOptions, adapter_specs
+from .output_folder import commit, open_run, small_files_bytes, write_small_files
 from .run.record import gguf_record, merge_record
 from .run.result import MergeResult, peak_rss_bytes
 from .planning.types import MergePlan
@@ -166,7 +157,7 @@ def disk_need(plan: MergePlan, checkpoint, adapters: list[Adapter], out: str | P
     if ours:
         finished = committed
     return space.disk_need(plan, out, finished=finished, ours=ours,
-                        extra_bytes=_small_files_bytes(checkpoint, checkpoint.other_files()))
+                        extra_bytes=small_files_bytes(checkpoint, checkpoint.other_files()))
 
 
 @guarded()
@@ -183,13 +174,18 @@ def merge(
     push_revision: str | None = None,
     report: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    partition: str | None = None,
+    on_tensor: Callable[[str], None] | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge `adapters` into `base` and write the result to `out` (see DESIGN.md, Output folder).
 
     Crash-safe: an interrupted merge of the same inputs and options in `out` is resumed (its
     journaled tensors verified and kept, only the inputs of the rest read or downloaded); a
-    finished one is left alone (`already_complete`). `report` receives one-line progress notes
+    finished one is left alone (`already_complete`). `partition="I/N"` writes only partition I's
+    shards (run/partitions.py); once all N are done, `finalize(out)` completes the folder.
+    `on_tensor(name)` runs (in the writer thread) once each tensor is written and journaled.
+    `report` receives one-line progress notes
     ("resumed: 41/72 tensors already done"); setting `cancel` stops the run promptly, leaving it
     resumable (raises `Interrupted`).
 
@@ -203,6 +199,7 @@ def merge(
     from .run.lock import OutputLock
 
     opts = MergeOptions.create(**options)
+    part = _partition_arg(partition, overwrite=overwrite, push_to_hub=push_to_hub)
     if push_to_hub:
         from .hub.client import check_push_id
 
@@ -231,9 +228,15 @@ def merge(
     out = Path(out)
     check_output_path(out, protected=[checkpoint.root, *(a.path for a in loaded)])
     fp = jr.fingerprint(checkpoint, loaded, opts, device.type)
+    skip: frozenset[str] = frozenset()
+    if part is not None:
+        from .run.partitions import shards_of
+
+        fp["partitions"] = part.count
+        skip = frozenset(s.filename for s in the_plan.shards) - shards_of(the_plan, part)
     _check_cancel(cancel)
-    with OutputLock(out) as lock:
-        run = _open_run(out, the_plan, fp, overwrite=overwrite, cancel=cancel)
+    with OutputLock(out, shared=part is not None) as lock, _partition_lock(out, part):
+        run = open_run(out, the_plan, fp, overwrite=overwrite, cancel=cancel, partition=part)
         if isinstance(run, MergeResult):  # OUT already holds this merge
             if gplan is not None:
                 run.plan, run.gguf = gplan.merge_plan, gplan
@@ -244,13 +247,17 @@ def merge(
             run.seconds = time.perf_counter() - started
             return run
         resume = run.resume
+        run.on_tensor = on_tensor
+        skipped = {t.name for s in the_plan.shards if s.filename in skip for t in s.tensors}
         hub = HubRun(checkpoint, the_plan, out, low_disk=low_disk, push_to_hub=push_to_hub, private=private,
-                     revision=push_revision, quiet=quiet, done=done_tensors(the_plan, resume), on_uploaded=run.shard_pushed)
+                     revision=push_revision, quiet=quiet, done=done_tensors(the_plan, resume) | skipped,
+                     on_uploaded=run.shard_pushed)
         others = checkpoint.other_files()
         if hub.inputs is not None:
             hub.check_disk_space()  # output and downloads, per filesystem
         else:
-            need = space.disk_need(the_plan, out, finished=resume.finished, extra_bytes=_small_files_bytes(checkpoint, others))
+            need = space.disk_need(the_plan, out, finished=set(resume.finished) | skip,
+                                   extra_bytes=small_files_bytes(checkpoint, others))
             if not need.ok:
                 raise OutputError(f"not enough disk space for --out {out}: {need.line()}; free space or choose another --out")
         hub.prepare_push()  # create the target repo now: a token problem fails before the merge
@@ -259,11 +266,13 @@ def merge(
                 warnings.warn(note, StreamMergeWarning, stacklevel=2)
         try:
             run.begin()
-            lock.note_pid()
+            if part is None:
+                lock.note_pid()
             if resume.tensors_done:
-                say(f"resumed: {resume.tensors_done}/{len(the_plan.tensors)} tensors already done "
+                say(f"resumed: {resume.tensors_done}/{len(the_plan.tensors) - len(skipped)} tensors already done "
                     f"(verified against the journal in {resume.seconds:.1f} s)")
-            copied = _write_small_files(the_plan, checkpoint, loaded, others, out)
+            writes_small_files = part is None or part.index == 0  # (one partition writes them)
+            copied = write_small_files(the_plan, checkpoint, loaded, others, out) if writes_small_files else []
             _check_cancel(cancel)
             last = the_plan.shards[-1].filename
 
@@ -279,14 +288,14 @@ def merge(
             executor = Executor(
                 the_plan, out, device=device, progress=not quiet, inputs=hub.inputs, resume=resume, hold={last},
                 on_shard_open=run.shard_open, on_tensor_done=run.tensor_done, on_shard_done=shard_done,
-                cancel_event=cancel, layout=layout,
+                cancel_event=cancel, layout=layout, skip=skip,
             )
             stats = executor.run()
             the_plan = executor.final_plan  # the shard layouts as written (exact double-quant JSON lengths)
             hub.shards_done()
             by_name = {f.filename: {"filename": f.filename, "size": f.size, "sha256": f.sha256} for f in resume.finished.values()}
             by_name.update({s.filename: {"filename": s.filename, "size": s.size, "sha256": s.sha256} for s in stats.shards})
-            shards = [by_name[s.filename] for s in the_plan.shards]
+            shards = [by_name[s.filename] for s in the_plan.shards if s.filename not in skip]
             if gplan is not None:
                 record = gguf_record(gplan, loaded, shards, copied, device, stats.seconds, checkpoint)
             else:
@@ -294,7 +303,12 @@ def merge(
                                  adapter_digests=[a["files"] for a in fp["adapters"]])
             record.update(hub.record())
             record["fingerprint"] = fp
-            _commit(out, the_plan, record)
+            if part is None:
+                commit(out, the_plan, record)
+            elif writes_small_files:  # streammerge.json, less the checksums `finalize` adds
+                from .run.partitioned import write_record_template
+
+                write_record_template(out, {**record, "shards" if gplan is None else "files": []})
             run.finish()
         except Interrupted:
             raise Interrupted(
@@ -313,127 +327,78 @@ def merge(
         finally:
             run.close()
     pushed = hub.push(record)
+    extra: dict[str, Any] = {}
+    if part is not None:
+        from .run import partitioned
+
+        commits, _ = partitioned.committed(out, the_plan, part.count)
+        extra = {"partition": part.label, "partitions_left": tuple(partitioned.unfinished(the_plan, part.count, commits))}
     if gplan is not None:
         return MergeResult(out, gplan.merge_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed,
-                           gguf=gplan, resumed_tensors=resume.tensors_done)
+                           gguf=gplan, resumed_tensors=resume.tensors_done, **extra)
     return MergeResult(out, the_plan, time.perf_counter() - started, peak_rss_bytes(), shards, pushed,
-                       resumed_tensors=resume.tensors_done)
+                       resumed_tensors=resume.tensors_done, **extra)
+
+
+@guarded()
+def finalize(out: str | Path, base: str | Path | None = None, adapters: AdapterArg | Sequence[AdapterArg] | None = None,
+             **options: Any) -> MergeResult:
+    """Complete a merge whose partitions (`merge(..., partition="I/N")`) have all run: check that
+    every shard is committed at its journaled size and header, then write streammerge.json and the
+    index as a whole merge does. With `base` and `adapters` (the merge line), refuse a folder that
+    holds another merge. A folder finalized already is left alone (`already_complete`)."""
+    from .run import journal as jr
+    from .run import partitioned
+    from .run.lock import OutputLock
+
+    started = time.perf_counter()
+    out = Path(out)
+    if not out.is_dir():
+        raise OutputError(f"finalize: {out} is not a folder; give the --out of the partitions")
+    with OutputLock(out):
+        if not jr.has_valid_state(out) and (record := jr.read_record(out)) is not None and record.get("partitions"):
+            return MergeResult(out, None, 0.0, peak_rss_bytes(), record.get("shards", record.get("files", [])),
+                               already_complete=True)
+        fp, plan, count = partitioned.read_state(out)
+        if base is not None:
+            checkpoint, loaded, _ = _load(base, adapters or [], MergeOptions.create(**options))
+            ours = {**jr.fingerprint(checkpoint, loaded, MergeOptions.create(**options), fp.get("device")), "partitions": count}
+            diff = jr.differences(fp, ours)
+            if diff:
+                raise OutputError(f"finalize: --out {out} holds a merge of other inputs or options ({'; '.join(diff)})")
+        final_plan, record = partitioned.finalize_state(out)
+        commit(out, final_plan, record)
+        partitioned.finish(out)
+        fsync_dir(out)
+    return MergeResult(out, final_plan, time.perf_counter() - started, peak_rss_bytes(),
+                       record.get("shards", record.get("files", [])))
+
+
+def _partition_arg(partition, *, overwrite: bool, push_to_hub: str | None):
+    if partition is None:
+        return None
+    from .run.partitions import Partition
+
+    part = partition if isinstance(partition, Partition) else Partition.parse(partition)
+    if overwrite:
+        raise OptionError("--overwrite does not apply to --partition: partitions share OUT; empty it once, "
+                          "before starting them")
+    if push_to_hub:
+        raise OptionError("--push-to-hub does not apply to --partition; push the folder after `streammerge finalize`")
+    return part
+
+
+def _partition_lock(out: Path, part):
+    if part is None:
+        return contextlib.nullcontext()
+    from .run.lock import PartitionLock
+
+    return PartitionLock(out, part)
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Interrupted("interrupted before writing started")
-
-
-def _small_files_bytes(checkpoint, others: list[Path]) -> int:
-    config = checkpoint.root / "config.json"
-    return sum(p.stat().st_size for p in others) + (config.stat().st_size + 4096 if config.exists() else 0)
-
-
-def _open_run(out: Path, plan: MergePlan, fp: dict[str, Any], *, overwrite: bool, cancel):
-    """What OUT holds decides: resume an interrupted run, report a finished one, or start fresh."""
-    from .run import journal as jr
-
-    if overwrite and any(out.iterdir()):
-        clear_folder(out)
-    if jr.has_valid_state(out):
-        return jr.Run.reopen(out, plan, fp, cancel)
-    record = jr.read_record(out)
-    if record is not None:
-        old = record.get("fingerprint")
-        diff = jr.differences(old, fp) if isinstance(old, dict) else ["it was not made by this streammerge version"]
-        if not diff and _complete(out, plan, record):
-            jr.remove_state(jr.state_dir(out))  # a run killed while removing its state folder
-            return MergeResult(out, plan, 0.0, peak_rss_bytes(), record.get("shards", []),
-                               resumed_tensors=len(plan.tensors), already_complete=True)
-        why = "; ".join(diff) if diff else "some of its files are missing or have the wrong size"
-        raise OutputError(f"--out {out} holds a finished merge that differs ({why}); pass --overwrite to replace it")
-    names = {p.name for p in out.iterdir()}
-    if names == {jr.STATE_DIR}:  # killed while creating its state: nothing was written yet
-        jr.remove_state(jr.state_dir(out))
-        names = set()
-    if names:
-        raise OutputError(f"--out {out} already holds files; choose an empty folder or pass --overwrite to replace it")
-    return jr.Run.start(out, plan, fp)
-
-
-def _complete(out: Path, plan: MergePlan, record: dict[str, Any]) -> bool:
-    """A finished folder still holds every shard of the record at its size (and the index)."""
-    shards = record.get("shards", record.get("files"))  # a GGUF record names its "files"
-    if not isinstance(shards, list) or [s.get("filename") for s in shards] != [s.filename for s in plan.shards]:
-        return False
-    if (record.get("push") or {}).get("shards_removed_locally"):
-        return True  # --low-disk --push-to-hub: the shards are on the Hub, not here
-    for entry, shard in zip(shards, plan.shards):
-        path = out / shard.filename
-        if not path.is_file() or path.stat().st_size != entry.get("size"):  # (4-bit layouts resolve at run time)
-            return False
-    return len(plan.shards) == 1 or plan.shards[0].container != "safetensors" or (out / INDEX_FILE).is_file()
-
-
-def _commit(out: Path, plan: MergePlan, record: dict[str, Any]) -> None:
-    """Make the folder a finished model, in an order where a kill at any instant leaves it either
-    resumable or complete: shards renamed, then streammerge.json, then what makes it loadable
-    (the last shard's final name; the index, last of all, when there are several shards)."""
-    from .run.journal import partial_path
-
-    def rename(shard) -> None:
-        final = out / shard.filename
-        if partial_path(final).exists():
-            os.replace(partial_path(final), final)
-            fsync_dir(out)
-
-    for shard in plan.shards[:-1]:
-        rename(shard)
-    atomic_write_json(out / RECORD_FILE, record)
-    rename(plan.shards[-1])
-    if len(plan.shards) > 1 and plan.shards[0].container == "safetensors":  # GGUF splits carry their own keys
-        write_index(out, plan.total_size, {t.name: s.filename for s in plan.shards for t in s.tensors})
-    for name in ("config.json", RECORD_FILE, INDEX_FILE):  # temp files of writes a kill interrupted
-        for leftover in out.glob(f".{name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
-
-
-def _write_small_files(plan: MergePlan, checkpoint, loaded: list[Adapter], others: list[Path], out: Path) -> list[str]:
-    """Everything but the weights: the adapter's config and card (--method lora), or the base's
-    non-weight files and config.json (dtype, quantization_config, untied embeddings as written)."""
-    if plan.options.method == "lora":
-        return _write_adapter_files(loaded[0], out)
-    copied = copy_other_files(others, out)
-    if plan.options.method == "gguf":  # the base's config as it is (a bitsandbytes base's quantization_config dropped)
-        config = merged_config(checkpoint.config, None)
-        if config is not None:
-            atomic_write_json(out / "config.json", config)
-        return copied
-    config = merged_config(checkpoint.config, plan.options.dtype, plan.quantization_config)
-    if config is not None:
-        if plan.untied:
-            from .planning.model_info import untied_config
-
-            config = untied_config(config)
-        atomic_write_json(out / "config.json", config)
-    return copied
-
-
-def _write_adapter_files(adapter: Adapter, out: Path) -> list[str]:
-    """--method lora: the adapter's config (as it is) and a README beside adapter_model.safetensors."""
-    from .adapters.load import CONFIG_NAME
-    from .formats.folder import atomic_write_text
-
-    copied = copy_other_files([adapter.path / CONFIG_NAME], out)
-    readme = adapter.path / "README.md"
-    if readme.is_file():
-        copied += copy_other_files([readme], out)
-    else:
-        base = adapter.config_dict.get("base_model_name_or_path") or "the base model it was trained on"
-        atomic_write_text(out / "README.md", (
-            "---\nlibrary_name: peft\n---\n\n# LoRA adapter\n\n"
-            f"A PEFT LoRA adapter for {base}, written by streammerge {__version__} from {adapter.path} "
-            f"({adapter.original_weights_file.name}). Load it with "
-            "`peft.PeftModel.from_pretrained(base_model, this_folder)`.\n"
-        ))
-        copied.append("README.md")
-    return copied
 
 
 @guarded()

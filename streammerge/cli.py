@@ -25,6 +25,9 @@ EPILOG = """examples:
   streammerge merge ./llama-8b ./my-lora --out ./gguf --method gguf --gguf-type q8_0
   streammerge merge ./deepseek-v3 ./my-lora --out ./merged-fp8 --method merged_fp8
   streammerge merge ./gpt-oss-120b ./my-lora --out ./merged-mxfp4 --method merged_mxfp4
+  streammerge merge ./kimi-k2 ./my-lora --out /shared/merged --method merged_fp8 --partition $SLURM_ARRAY_TASK_ID/8
+  streammerge finalize /shared/merged
+  streammerge merge ./kimi-k2 ./my-lora --out /shared/merged --method merged_fp8 --ray auto
   streammerge demo
 """
 
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--json", action="store_true", help="print the full plan as JSON")
     p_plan.add_argument("--out", default=None, help="the output folder a merge would write (for the disk check; "
                         "an interrupted merge there counts what it has done)")
+    p_plan.add_argument("--partitions", type=int, default=None, metavar="N",
+                        help="show how --partition I/N splits the output shards: each partition's shards, bytes, estimated time")
 
     p_merge = sub.add_parser(
         "merge", help="merge adapters into the base and write OUT",
@@ -100,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="upload the result to this Hub repo (created if needed)")
     p_merge.add_argument("--private", action="store_true", default=None, help="with --push-to-hub: create the repo private")
     p_merge.add_argument("--revision", metavar="BRANCH", default=None, help="with --push-to-hub: the branch to push to (default: main)")
+    c = p_merge.add_argument_group("several processes, GPUs or nodes (OUT on storage they all see)")
+    c.add_argument("--partition", metavar="I/N", default=None,
+                   help="write only partition I of N (I in 0..N-1, e.g. $SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX); "
+                        "once all N are done, run `streammerge finalize OUT`")
+    c.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the partitions as Ray tasks, one per GPU (else per core), then finalize: ADDRESS of a "
+                        "cluster, 'auto' for the one this machine belongs to, none for a local Ray (pip install 'streammerge[ray]')")
 
     p_verify = sub.add_parser(
         "verify", help="check that OUT is what BASE + ADAPTERs make (the merge line with 'verify'), in bounded memory"
@@ -115,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--probes", type=int, default=4, help="random probe vectors per merged tensor (default: 4)")
     p_verify.add_argument("--seed", type=int, default=0, help="seed of the probe vectors (default: 0)")
     p_verify.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_final = sub.add_parser(
+        "finalize", help="after every --partition I/N has run: check the shards, write the index and streammerge.json",
+        description="Complete a merge written in partitions: check that every shard is committed, then write "
+                    "streammerge.json and the index. Give OUT alone, or the merge line (BASE ADAPTER... --out OUT "
+                    "[options]) to also check that OUT holds that merge.",
+    )
+    p_final.add_argument("paths", nargs="+", metavar="OUT | BASE ADAPTER", help="OUT, or BASE ADAPTER... with --out OUT")
+    p_final.add_argument("--out", default=None, help="the partitions' output folder (when BASE ADAPTER... are given)")
+    _add_common_options(p_final)
+    p_final.add_argument("--quiet", action="store_true", help="no summary")
 
     p_demo = sub.add_parser("demo", help="build a small model + adapter, merge it, check it against PEFT")
     p_demo.add_argument("--keep", metavar="DIR", default=None, help="keep the demo files in DIR")
@@ -141,6 +164,8 @@ def _quiet_libraries() -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     options = _options(args)
+    if args.partitions is not None and args.partitions < 1:
+        raise OptionError("--partitions must be at least 1")
     _quiet_libraries()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .api import _prepare
@@ -149,18 +174,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if options.method == "gguf":
         from .run.gguf_merge import print_gguf_plan
 
-        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json, low_disk=args.low_disk)
+        return print_gguf_plan(args.base, args.adapters, options, as_json=args.json, low_disk=args.low_disk,
+                               partitions=args.partitions)
     checkpoint, adapters, plan = _prepare(args.base, args.adapters, options)
     for note in plan.notes:
         if note.startswith("WARNING"):
             say_warning(note)
     if args.json:
-        print(plan.to_json())
+        data = plan.to_dict()
+        if args.partitions is not None:
+            from .run.partitions import shares
+
+            data["partitions"] = [s.to_dict() for s in shares(plan, args.partitions)]
+        import json
+
+        print(json.dumps(data, indent=2))
         return 0
     from .api import disk_need
 
     need = disk_need(plan, checkpoint, adapters, args.out or os.getcwd())
     print("\n".join(summary_lines(plan, disk=need.line())))
+    if args.partitions is not None:
+        from .run.partitions import table_lines
+
+        print("\n".join(table_lines(plan, args.partitions)))
     from .hub.checkpoint import HubCheckpoint
 
     if isinstance(checkpoint, HubCheckpoint):
@@ -212,7 +249,7 @@ class _StopOnSignal:
 def _cmd_merge(args: argparse.Namespace) -> int:
     options = _options(args)
     _quiet_libraries()
-    from .api import merge
+    from .api import merge as whole_or_partition
 
     quiet = args.quiet or not terminal().isatty()
     if quiet:
@@ -222,12 +259,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .errors import Interrupted
 
     report = None if args.quiet else (lambda line: print(line, flush=True))
+    if args.ray is not None and args.partition is not None:
+        raise OptionError("--ray runs every partition itself; give either --ray or --partition I/N")
+    if args.ray is not None:
+        from .cluster import merge_on_ray as merge  # the same call, run as partitions on Ray
+
+        partition_kw = {"address": None if args.ray == "local" else args.ray}
+    else:
+        merge, partition_kw = whole_or_partition, {"partition": args.partition}
     with _StopOnSignal() as stop:
         try:
             result = merge(
                 args.base, args.adapters, args.out, overwrite=args.overwrite, quiet=quiet, report=report,
                 cancel=stop.event, low_disk=args.low_disk, push_to_hub=args.push_to_hub, private=args.private,
-                push_revision=args.revision,
+                push_revision=args.revision, **partition_kw,
                 method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
                 max_memory=options.max_memory, device=options.device, max_chunk_rows=options.max_chunk_rows,
                 allow_nonfinite=options.allow_nonfinite, gguf_type=options.gguf_type,
@@ -244,6 +289,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                   "(--overwrite redoes it)")
             if result.pushed:
                 print(f"pushed to {args.push_to_hub}: {result.pushed}")
+        return 0
+    if args.partition is not None:
+        if not args.quiet:
+            print(result.partition_line())
         return 0
     if not args.quiet and options.method == "gguf":
         from .run.gguf_merge import result_line
@@ -286,6 +335,34 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    options = _options(args)
+    if args.out is None:
+        if len(args.paths) != 1:
+            raise OptionError("finalize takes OUT alone, or BASE ADAPTER... with --out OUT")
+        out, base, adapters = args.paths[0], None, None
+    else:
+        if len(args.paths) < 2:
+            raise OptionError("finalize with --out takes the merge line: BASE ADAPTER [ADAPTER ...] --out OUT")
+        out, base, adapters = args.out, args.paths[0], args.paths[1:]
+    _quiet_libraries()
+    from .api import finalize
+
+    result = finalize(
+        out, base, adapters, method=options.method, dtype=options.dtype, max_shard_size=options.max_shard_size,
+        max_memory=options.max_memory, device=options.device, allow_nonfinite=options.allow_nonfinite,
+        gguf_type=options.gguf_type, quant_type=options.quant_type, blocksize=options.blocksize,
+        double_quant=options.double_quant, base_roundtrip=options.base_roundtrip, fp8_modules=options.fp8_modules,
+    )
+    if not args.quiet:
+        if result.already_complete:
+            print(f"already complete: {result.out} was finalized before; nothing to do")
+        else:
+            print(f"finalized {result.out}: {len(result.shards)} file(s) checked, streammerge.json and the index written "
+                  f"in {result.seconds:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from .demo import run_demo
@@ -299,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"plan": _cmd_plan, "merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
+    handler = {"plan": _cmd_plan, "merge": _cmd_merge, "verify": _cmd_verify, "finalize": _cmd_finalize,
+               "demo": _cmd_demo}[args.command]
     debug = getattr(args, "debug", False)
     try:
         # what dependencies log, warn or draw goes to the debug stream (console.py), and they

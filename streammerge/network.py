@@ -48,6 +48,7 @@ class _State:
         self.our_calls = 0  # streammerge Hub calls in progress
         self.installed = False
         self.blocked: list[str] = []  # requester modules refused, for reports and tests
+        self.allowed: dict[str, int] = {}  # packages the user asked to talk to (--ray: Ray), while active
 
 
 _state = _State()
@@ -71,7 +72,7 @@ def _refuse_unless_ours(frame, target: object) -> None:
         if _state.our_calls:
             return
         who = "a thread of an HTTP library"
-    elif who == OURS or who.startswith(OURS + "."):
+    elif who == OURS or who.startswith(OURS + ".") or _state.allowed.get(who.partition(".")[0]):
         return
     _state.blocked.append(who)
     log.warning("blocked a network request of %s to %s: streammerge makes only its own Hub requests", who, target)
@@ -121,6 +122,19 @@ def ours() -> Iterator[None]:
     finally:
         with _state.lock:
             _state.our_calls -= 1
+
+
+@contextmanager
+def allowing(package: str) -> Iterator[None]:
+    """Let `package` open connections for the duration: the engine the user named (`--ray`
+    ADDRESS), which talks to its own cluster."""
+    with _state.lock:
+        _state.allowed[package] = _state.allowed.get(package, 0) + 1
+    try:
+        yield
+    finally:
+        with _state.lock:
+            _state.allowed[package] -= 1
 
 
 def blocked() -> list[str]:

@@ -274,7 +274,7 @@ def test_resume_verifies_what_the_journal_claims(case, plan_shards, reference, t
     left = api.disk_need(plan, checkpoint, [api.load_adapter(adapter, 1.0)], out)
     committed = sum(s.size for s in plan.shards if s.filename in frozen["names"])
     assert committed > 0
-    assert left.to_write <= plan.file_bytes - committed + api._small_files_bytes(checkpoint, checkpoint.other_files())
+    assert left.to_write <= plan.file_bytes - committed + api.small_files_bytes(checkpoint, checkpoint.other_files())
 
     lines: list[str] = []
     result = streammerge.merge(base, [adapter], out, report=lines.append, **OPTS)

@@ -317,6 +317,7 @@ class ShardWriter:
         flags = os.O_RDWR | os.O_CREAT
         try:
             self._fd = os.open(self.partial_path, flags, 0o644)
+            self._lock_shard()
             if resume_at is None:
                 os.ftruncate(self._fd, 0)
                 self._reserve(total_size)
@@ -334,6 +335,22 @@ class ShardWriter:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise DiskFullError(f"cannot write {self.partial_path}: {exc.strerror or exc}") from None
             raise OutputError(f"cannot write {self.partial_path}: {exc.strerror or exc}") from None
+
+    def _lock_shard(self) -> None:
+        """One writer per shard, whoever it is (partitions of one OUT write disjoint shards; this
+        holds even if two were started with different partitionings): a `flock` on NAME.partial."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(self._fd)
+                self._fd = -1
+                raise OutputError(f"another process is writing {self.partial_path}; one writer per shard") from None
+            # a filesystem without locks: unprotected, as OUT's own lock
 
     def _reserve(self, size: int) -> None:
         if hasattr(os, "posix_fallocate") and size > 0:

@@ -60,7 +60,8 @@ class Executor:
 
     Resuming: with `resume`, finished shards are left out, a partial shard continues after its
     verified prefix; shards in `hold` are synced but left as NAME.partial for the caller to rename
-    last. `on_shard_open(shard)` (the layout as resolved), `on_tensor_done(shard, tensor, prefix_sha256)`
+    last; shards in `skip` are another partition's (run/partitions.py) and left alone.
+    `on_shard_open(shard)` (the layout as resolved), `on_tensor_done(shard, tensor, prefix_sha256)`
     and `on_shard_done(filename, size, sha256)` run in the writer thread. `cancel_event` (or
     `cancel()`) stops the run promptly and raises `Interrupted`.
     """
@@ -80,6 +81,7 @@ class Executor:
         hold: Collection[str] = (),
         cancel_event: threading.Event | None = None,
         layout: Layout | None = None,  # the plan's, when the caller has it already
+        skip: Collection[str] = (),
     ):
         self.plan = plan
         self.out_dir = out_dir
@@ -90,18 +92,19 @@ class Executor:
         self.on_shard_done = on_shard_done
         self.inputs = inputs
         self.hold = frozenset(hold)
+        self.skip = frozenset(skip)
         self.finished = frozenset(resume.finished) if resume is not None else frozenset()
         self.partial: Mapping[str, Any] = dict(resume.partial) if resume is not None else {}
         recorded = dict(resume.layouts) if resume is not None else {}
-        self.done = done_tensors(plan, resume)
+        self.done = done_tensors(plan, resume) | {t.name for s in plan.shards if s.filename in self.skip for t in s.tensors}
         self.layout = layout if layout is not None else plan_layout(plan)
-        self._schedule = list(schedule(plan, self.done, self.finished))
+        self._schedule = list(schedule(plan, self.done, self.finished | self.skip))
         self._cancelled = cancel_event if cancel_event is not None else threading.Event()
         self._finished_run = False
         self._open_writers: list[ShardWriter] = []  # opened by the writer thread, not yet committed
         self._errors: list[BaseException] = []
         self._fds: dict[str, int] = {}
-        self.parts = DerivedParts(plan, self.done, self.finished, self.partial, recorded)
+        self.parts = DerivedParts(plan, self.done, self.finished | self.skip, self.partial, recorded)
         self.compute = ChunkCompute(device, self._read_whole, self.parts.remember, plan.options.allow_nonfinite)
         # files the compute thread reads at a tensor's start (LoRA factors): kept until the run ends
         self._factor_files = {s.file for t in plan.tensors for term in t.loras for s in term.sources()}
@@ -332,8 +335,9 @@ class Executor:
         if self.progress:
             from tqdm import tqdm
 
-            kept = sum(s.size for s in self.plan.shards if s.filename in self.finished)
-            bar = tqdm(total=self.plan.file_bytes, initial=kept, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
+            kept = sum(s.size for s in self.plan.shards if s.filename in self.finished and s.filename not in self.skip)
+            total = sum(s.size for s in self.plan.shards if s.filename not in self.skip)
+            bar = tqdm(total=total, initial=kept, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
                        file=terminal(), dynamic_ncols=True)
         reader = threading.Thread(target=self._reader, args=(read_pool, read_q), name="streammerge-read", daemon=True)
         hash_q: queue.Queue = queue.Queue(maxsize=WRITE_BUFFERS)

@@ -39,14 +39,21 @@ def plan_gguf(base, adapters, options: MergeOptions):
     return checkpoint, loaded, merge_plan, build_gguf_plan(checkpoint, merge_plan, options)
 
 
-def print_gguf_plan(base, adapters, options: MergeOptions, *, as_json: bool, low_disk: bool = False) -> int:
+def print_gguf_plan(base, adapters, options: MergeOptions, *, as_json: bool, low_disk: bool = False,
+                    partitions: int | None = None) -> int:
     from ..hub.checkpoint import HubCheckpoint
+    from .partitions import shares, table_lines
 
     checkpoint, _, merge_plan, gplan = plan_gguf(base, adapters, options)
     if as_json:
-        print(json.dumps({"merge": merge_plan.to_dict(), "gguf": gplan.to_dict()}, indent=2))
+        data = {"merge": merge_plan.to_dict(), "gguf": gplan.to_dict()}
+        if partitions is not None:
+            data["partitions"] = [s.to_dict() for s in shares(gplan.output, partitions)]
+        print(json.dumps(data, indent=2))
         return 0
     print("\n".join(summary_lines(gplan, free_disk=shutil.disk_usage(Path.cwd()).free)))
+    if partitions is not None:
+        print("\n".join(table_lines(gplan.output, partitions)))
     if isinstance(checkpoint, HubCheckpoint):  # what a merge would download, and its peak disk
         from ..hub.run import disk_estimate
 

@@ -93,6 +93,8 @@ def fingerprint(checkpoint, adapters: Sequence, options: MergeOptions, device_ty
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human descriptions of what differs between two fingerprints (paths alone never differ)."""
     out: list[str] = []
+    if old.get("partitions") != new.get("partitions"):
+        out.append(f"partitions {old.get('partitions') or 'none'} -> {new.get('partitions') or 'none'}")
     if old.get("streammerge_version") != new.get("streammerge_version"):
         out.append(f"streammerge version {old.get('streammerge_version')} -> {new.get('streammerge_version')}")
     old_files = {f["name"]: f for f in old.get("base", {}).get("files", [])}
@@ -366,13 +368,16 @@ class Run:
     the folder as it found it.
     """
 
-    def __init__(self, out: Path, plan: MergePlan, fp: dict[str, Any], resume: ResumeState, *, fresh: bool):
+    def __init__(self, out: Path, plan: MergePlan, fp: dict[str, Any], resume: ResumeState, *, fresh: bool,
+                 journal_name: str = JOURNAL_FILE):
         self.out = Path(out)
         self.plan = plan
         self.fp = fp
         self.resume = resume
         self.fresh = fresh
+        self.journal_path = state_dir(out) / journal_name
         self.journal: Journal | None = None
+        self.on_tensor = None  # called with each tensor's name once it is journaled (progress)
         self.tensors_done = resume.tensors_done
         self.committed: set[str] = set(resume.finished)
         self._planned = {sh.filename: sh for sh in plan.shards}
@@ -420,7 +425,7 @@ class Run:
             for path in self.resume.stale:
                 path.unlink(missing_ok=True)
             atomic_write_json(folder / PLAN_FILE, self.plan.to_dict(), compact=True)  # input paths may have moved
-        self.journal = Journal(folder / JOURNAL_FILE)
+        self.journal = Journal(self.journal_path)
 
     def close(self) -> None:
         if self.journal is not None:
@@ -443,6 +448,8 @@ class Run:
         self.journal.append({"t": "tensor", "shard": shard.filename, "name": tensor.name,
                              "start": tensor.start, "end": tensor.end, "prefix_sha256": prefix_sha256})
         self.tensors_done += 1
+        if self.on_tensor is not None:
+            self.on_tensor(tensor.name)
 
     def shard_done(self, filename: str, size: int, sha256: str) -> None:
         self.journal.append({"t": "shard", "shard": filename, "size": size, "sha256": sha256}, sync=True)
