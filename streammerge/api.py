@@ -215,7 +215,7 @@ def merge(
     else:
         checkpoint, loaded, the_plan = _prepare(base, adapters, opts)
     from .run.execute import Executor  # after the checks
-    from .run.pipeline import fix_malloc_threshold, done_tensors, resolve_device
+    from .run.pipeline import fix_malloc_threshold, done_tensors, resolve_device, tensors_in
     from .run.schedule import plan_layout
 
     layout = plan_layout(the_plan)  # (a gguf plan's budget is checked here; the executor works with it)
@@ -248,7 +248,7 @@ def merge(
             return run
         resume = run.resume
         run.on_tensor = on_tensor
-        skipped = {t.name for s in the_plan.shards if s.filename in skip for t in s.tensors}
+        skipped = tensors_in(the_plan, skip)
         hub = HubRun(checkpoint, the_plan, out, low_disk=low_disk, push_to_hub=push_to_hub, private=private,
                      revision=push_revision, quiet=quiet, done=done_tensors(the_plan, resume) | skipped,
                      on_uploaded=run.shard_pushed)
@@ -361,8 +361,9 @@ def finalize(out: str | Path, base: str | Path | None = None, adapters: AdapterA
                                already_complete=True)
         fp, plan, count = partitioned.read_state(out)
         if base is not None:
-            checkpoint, loaded, _ = _load(base, adapters or [], MergeOptions.create(**options))
-            ours = {**jr.fingerprint(checkpoint, loaded, MergeOptions.create(**options), fp.get("device")), "partitions": count}
+            opts = MergeOptions.create(**options)
+            checkpoint, loaded, _ = _load(base, adapters or [], opts)
+            ours = {**jr.fingerprint(checkpoint, loaded, opts, fp.get("device")), "partitions": count}
             diff = jr.differences(fp, ours)
             if diff:
                 raise OutputError(f"finalize: --out {out} holds a merge of other inputs or options ({'; '.join(diff)})")

@@ -232,7 +232,7 @@ def _result(ray, ref, label: str, retries: int) -> dict[str, Any]:
             raise type(cause)(f"partition {label}: {cause}") from None
         raise ExecutionError(f"partition {label} failed: {' '.join(str(cause or exc).split())[:300]}; "
                              "re-run the same command to resume") from None
-    except (rx.WorkerCrashedError, rx.NodeDiedError, rx.OutOfMemoryError, rx.TaskCancelledError, rx.RayError) as exc:
+    except rx.RayError as exc:  # the worker or its node died (crash, OOM, preemption) and the retries ran out
         kind = type(exc).__name__
         raise ExecutionError(f"partition {label} failed after {retries} retries ({kind}); its finished tensors are "
                              "journaled: re-run the same command to resume") from None

@@ -38,6 +38,7 @@ from .pipeline import (
     _get,
     _put,
     done_tensors,
+    tensors_in,
 )
 from .schedule import READ_BUFFERS, WRITE_BUFFERS, Layout, Pass, chunks_of, is_passthrough, plan_layout, schedule
 
@@ -96,7 +97,7 @@ class Executor:
         self.finished = frozenset(resume.finished) if resume is not None else frozenset()
         self.partial: Mapping[str, Any] = dict(resume.partial) if resume is not None else {}
         recorded = dict(resume.layouts) if resume is not None else {}
-        self.done = done_tensors(plan, resume) | {t.name for s in plan.shards if s.filename in self.skip for t in s.tensors}
+        self.done = done_tensors(plan, resume) | tensors_in(plan, self.skip)
         self.layout = layout if layout is not None else plan_layout(plan)
         self._schedule = list(schedule(plan, self.done, self.finished | self.skip))
         self._cancelled = cancel_event if cancel_event is not None else threading.Event()

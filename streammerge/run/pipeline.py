@@ -8,7 +8,7 @@ import ctypes
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Collection, Mapping, Protocol, Sequence
 
 import torch
 
@@ -131,6 +131,11 @@ def done_tensors(plan: MergePlan, resume: Resume | None) -> frozenset[str]:
             else s.tensors[: resume.partial[s.filename].done] if s.filename in resume.partial else ()
         )
     )
+
+
+def tensors_in(plan: MergePlan, shards: Collection[str]) -> frozenset[str]:
+    """The tensors of these shards (another partition's, which this run leaves alone)."""
+    return frozenset(t.name for s in plan.shards if s.filename in shards for t in s.tensors)
 
 
 def resolve_device(name: str) -> torch.device:
