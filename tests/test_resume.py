@@ -57,8 +57,8 @@ def _env() -> dict[str, str]:
 # The index is written within milliseconds of the last shard's rename; a merge whose write_index
 # first waits 0.3 s keeps that moment open long enough to be caught (the product is unchanged).
 SLOW_INDEX = (
-    "import sys, time; import streammerge.api as api; write = api.write_index; "
-    "api.write_index = lambda *a, **k: (time.sleep(0.3), write(*a, **k))[1]; "
+    "import sys, time; import streammerge.output_folder as folder; write = folder.write_index; "
+    "folder.write_index = lambda *a, **k: (time.sleep(0.3), write(*a, **k))[1]; "
     "from streammerge.cli import entry; entry()"
 )
 
